@@ -1,0 +1,22 @@
+"""vLLM on Apple Silicon through MLX, on one machine or many, with Ray."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm_ray_metal.default_model import default_model
+
+__version__ = "0.1.0"
+__all__ = ["RayMetalExecutor", "default_model", "__version__"]
+
+if TYPE_CHECKING:
+    from vllm_ray_metal.executor import RayMetalExecutor
+
+
+def __getattr__(name: str):
+    # Lazy: importing the package (e.g. by vLLM's plugin loader) must not import Ray.
+    if name == "RayMetalExecutor":
+        from vllm_ray_metal.executor import RayMetalExecutor
+
+        return RayMetalExecutor
+    raise AttributeError(name)

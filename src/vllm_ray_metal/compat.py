@@ -1,0 +1,62 @@
+"""Every touch-point with vLLM internals, in one place.
+
+Each helper names the upstream symbol it relies on (vLLM 0.32.0). ``tests/test_compat.py``
+checks these symbols and their fields against the installed vLLM, so an upstream change
+fails there, loudly, instead of deep inside a worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+VLLM_VERSION = "0.32.0"
+
+
+# vllm.v1.kv_cache_interface.FullAttentionSpec
+def full_attention_spec(block_size: int, num_kv_heads: int, head_size: int,
+                        dtype: torch.dtype) -> Any:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                             head_size=head_size, dtype=dtype)
+
+
+# vllm.v1.outputs.LogprobsTensors (prompt logprobs travel as torch tensors)
+def logprobs_tensors(ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor) -> Any:
+    from vllm.v1.outputs import LogprobsTensors
+
+    return LogprobsTensors(logprob_token_ids=ids, logprobs=logprobs, selected_token_ranks=ranks)
+
+
+# vllm.v1.outputs.LogprobsLists (sample logprobs travel as numpy arrays)
+def logprobs_lists(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray) -> Any:
+    from vllm.v1.outputs import LogprobsLists
+
+    return LogprobsLists(logprob_token_ids=ids, logprobs=logprobs, sampled_token_ranks=ranks)
+
+
+# vllm.v1.outputs.ModelRunnerOutput
+def model_runner_output(req_ids: list[str], sampled: list[list[int]], logprobs: Any,
+                        prompt_logprobs: dict[str, Any]) -> Any:
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    return ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+
+
+# vllm.v1.outputs.EMPTY_MODEL_RUNNER_OUTPUT
+def empty_model_runner_output() -> Any:
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    return EMPTY_MODEL_RUNNER_OUTPUT
+
+
+# vllm.v1.worker.worker_base.CompilationTimes
+def compilation_times(language_model: float = 0.0, encoder: float = 0.0) -> Any:
+    from vllm.v1.worker.worker_base import CompilationTimes
+
+    return CompilationTimes(language_model=language_model, encoder=encoder)

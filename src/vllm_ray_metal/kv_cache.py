@@ -1,0 +1,165 @@
+"""Paged KV cache laid out by vLLM's block tables, in MLX arrays.
+
+vLLM's scheduler owns the blocks (allocation, prefix caching, preemption); this module
+only stores keys and values at the slots those block tables name. Every layer has one
+``[num_slots, kv_heads, head_dim]`` array for keys and one for values, where
+``slot = block_id * block_size + offset``. Writes are MLX scatters (in place, because the
+old array is donated) and reads gather each sequence's context through its block table.
+
+Block 0 is vLLM's null block, never handed to a request: padding tokens write there and
+padding positions read from there, so no other request's data can leak in.
+
+mlx-lm's attention layers talk to a cache object through ``offset``,
+``update_and_fetch`` and ``make_mask``; :class:`PagedLayerCache` implements exactly
+that protocol, so the model code stays mlx-lm's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+NULL_BLOCK = 0
+
+
+@dataclass
+class BatchLayout:
+    """Where one forward pass reads and writes: built once per step, shared by all layers.
+
+    rows are sequences; ``offsets[b]`` is the position of row b's first new token.
+    """
+
+    offsets: mx.array  # [B] int32: position of each row's first new token
+    write_slots: mx.array  # [B*L] int32: slot for every (row, new token), padding -> null
+    read_slots: mx.array  # [B, C] int32: slot for every context position, padding -> null
+    mask: mx.array  # [B, 1, L, C] bool: which context positions each query may see
+
+
+def build_layout(starts: list[int], lengths: list[int], block_tables: list[list[int]],
+                 block_size: int) -> BatchLayout:
+    """Build slot tables and the attention mask for rows of new tokens.
+
+    Row b holds ``lengths[b]`` new tokens at positions ``starts[b] ...``; it attends to
+    positions ``0 .. starts[b] + lengths[b] - 1`` of its own sequence, causally.
+    """
+    num_rows = len(starts)
+    max_len = max(lengths)
+    starts_np = np.asarray(starts, dtype=np.int64)
+    lengths_np = np.asarray(lengths, dtype=np.int64)
+    ctx_np = starts_np + lengths_np
+    max_ctx = int(ctx_np.max())
+
+    max_blocks = (max_ctx + block_size - 1) // block_size
+    table = np.full((num_rows, max_blocks), NULL_BLOCK, dtype=np.int64)
+    for b, blocks in enumerate(block_tables):
+        n = min(len(blocks), max_blocks)
+        table[b, :n] = blocks[:n]
+
+    def slots_at(positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        pos = np.where(valid, positions, 0)
+        blocks = np.take_along_axis(table, pos // block_size, axis=1)
+        slots = blocks * block_size + pos % block_size
+        return np.where(valid, slots, NULL_BLOCK * block_size).astype(np.int32)
+
+    q_idx = np.arange(max_len)[None, :]
+    q_pos = starts_np[:, None] + q_idx  # [B, L]
+    q_valid = q_idx < lengths_np[:, None]
+    write = slots_at(q_pos, q_valid)
+
+    k_pos = np.arange(max_ctx)[None, :]  # [1, C]
+    k_valid = np.broadcast_to(k_pos < ctx_np[:, None], (num_rows, max_ctx))
+    read = slots_at(np.broadcast_to(k_pos, (num_rows, max_ctx)), k_valid)
+
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, L, C]
+    # A padding query row sees position 0 only, so softmax never divides by zero.
+    visible |= (~q_valid[:, :, None]) & (k_pos[:, None, :] == 0)
+    return BatchLayout(
+        offsets=mx.array(starts_np.astype(np.int32)),
+        write_slots=mx.array(write.reshape(-1)),
+        read_slots=mx.array(read),
+        mask=mx.array(visible[:, None, :, :]),
+    )
+
+
+class PagedKVPool:
+    """Per-layer key/value arrays addressed by vLLM slot ids.
+
+    The arrays grow on demand (doubling, up to the ``num_blocks`` vLLM granted) so a
+    large KV budget costs memory only once the scheduler actually hands out its blocks.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: mx.Dtype, initial_blocks: int = 64) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.capacity = 0
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.ensure_capacity(min(num_blocks, initial_blocks))
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.dtype.size
+
+    def ensure_capacity(self, blocks_needed: int) -> None:
+        """Grow every layer's arrays so block ids ``< blocks_needed`` are addressable."""
+        if blocks_needed <= self.capacity:
+            return
+        if blocks_needed > self.num_blocks:
+            raise ValueError(f"block id {blocks_needed - 1} is outside the {self.num_blocks}"
+                             " blocks vLLM allocated")
+        new_cap = min(self.num_blocks, max(blocks_needed, 2 * self.capacity))
+        extra = (new_cap - self.capacity) * self.block_size
+        shape = (extra, self.kv_heads, self.head_dim)
+        if self.capacity == 0:
+            self.keys = [mx.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+            self.values = [mx.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        else:
+            self.keys = [mx.concatenate([k, mx.zeros(shape, self.dtype)]) for k in self.keys]
+            self.values = [mx.concatenate([v, mx.zeros(shape, self.dtype)]) for v in self.values]
+        mx.eval(self.keys, self.values)
+        self.capacity = new_cap
+
+    def layer_caches(self, layout: BatchLayout) -> list["PagedLayerCache"]:
+        return [PagedLayerCache(self, i, layout) for i in range(self.num_layers)]
+
+    def arrays(self) -> list[mx.array]:
+        return self.keys + self.values
+
+
+class PagedLayerCache:
+    """The cache object one mlx-lm attention layer sees for one forward pass."""
+
+    def __init__(self, pool: PagedKVPool, layer: int, layout: BatchLayout) -> None:
+        self.pool = pool
+        self.layer = layer
+        self.layout = layout
+        self.offset = layout.offsets  # per-row rope offsets (mx.fast.rope accepts an array)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store this step's keys/values ([B, H, L, D]) and return each row's full context."""
+        b, h, l, d = keys.shape
+        slots = self.layout.write_slots
+        pool_k, pool_v = self.pool.keys, self.pool.values
+        k_new = keys.transpose(0, 2, 1, 3).reshape(b * l, h, d).astype(self.pool.dtype)
+        v_new = values.transpose(0, 2, 1, 3).reshape(b * l, h, d).astype(self.pool.dtype)
+        pool_k[self.layer][slots] = k_new
+        pool_v[self.layer][slots] = v_new
+        read = self.layout.read_slots
+        k_ctx = pool_k[self.layer][read].transpose(0, 2, 1, 3)  # [B, H, C, D]
+        v_ctx = pool_v[self.layer][read].transpose(0, 2, 1, 3)
+        return k_ctx.astype(keys.dtype), v_ctx.astype(values.dtype)
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        if window_size:  # model_loader rejects sliding-window models before we get here
+            raise NotImplementedError("sliding-window attention is not supported")
+        return self.layout.mask
+
+    def is_trimmable(self) -> bool:  # part of mlx-lm's cache protocol; never trimmed here
+        return False

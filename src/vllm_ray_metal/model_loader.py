@@ -1,0 +1,96 @@
+"""Load a local Hugging Face-format checkpoint with mlx-lm, with errors that say what to do.
+
+Model code stays in mlx-lm: we only resolve which mlx-lm module would serve a
+``model_type`` (to fail at configuration time, before any process is spawned) and call
+``mlx_lm.utils.load_model``. The runner needs the decoder stack (``model.model``) and the
+output projection separately so it can compute logits only for the positions it samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def mlx_module_name(model_type: str) -> str:
+    from mlx_lm.utils import MODEL_REMAPPING  # public constant of mlx-lm's loader
+
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def supported_model_types() -> list[str]:
+    import mlx_lm.models
+
+    return sorted(m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)
+                  if not m.name.startswith("_") and m.name not in {"base", "cache", "rope_utils"})
+
+
+def check_model_dir(model: str) -> dict[str, Any]:
+    """Validate a model directory before vLLM starts workers; return its config.json."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(
+            f"Model directory {model!r} does not exist. vllm-ray-metal loads local "
+            "Hugging Face-format directories (config.json + *.safetensors); download or "
+            "convert the model first, or run `vllm-ray-metal default-model` for the embedded "
+            "SmolLM2-135M-Instruct.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{model!r} has no config.json: it is not a Hugging Face-format "
+                         "model directory.")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{model!r} has no *.safetensors weights (mlx-lm loads safetensors "
+                         "only; convert .bin/.gguf weights first).")
+    config = json.loads(cfg_file.read_text())
+    model_type = config.get("model_type")
+    name = mlx_module_name(model_type or "")
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{name}")
+    except ImportError:
+        raise ValueError(
+            f"Architecture {config.get('architectures')} (model_type={model_type!r}) is not "
+            f"supported by the installed mlx-lm. Supported model types: "
+            f"{', '.join(supported_model_types())}.") from None
+    if not hasattr(module, "Model"):
+        raise ValueError(f"mlx_lm.models.{name} defines no Model class")
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and \
+            any(t == "sliding_attention" for t in config.get("layer_types") or []):
+        raise ValueError(f"{model!r} uses sliding-window attention, which vllm-ray-metal does "
+                         "not support yet; use a model with full attention in every layer.")
+    return config
+
+
+def load(model: str, dtype: str | None = None) -> nn.Module:
+    """Load weights with mlx-lm; cast floating-point weights to ``dtype`` if given."""
+    from mlx_lm.utils import load_model
+
+    check_model_dir(model)
+    mlx_model, _ = load_model(Path(model))
+    if dtype is not None:
+        mlx_model.set_dtype(_DTYPES[dtype])  # floating arrays only; packed weights keep theirs
+    mx.eval(mlx_model.parameters())
+    if not hasattr(mlx_model, "model") or not hasattr(mlx_model.model, "layers"):
+        raise ValueError(f"mlx-lm's {type(mlx_model).__module__}.Model has no decoder stack "
+                         "at .model.layers; this model family is not supported.")
+    return mlx_model
+
+
+def compute_logits(model: nn.Module, hidden: mx.array) -> mx.array:
+    """Apply the output projection (tied embedding or ``lm_head``) to final hidden states."""
+    if hasattr(model, "lm_head"):
+        return model.lm_head(hidden)
+    return model.model.embed_tokens.as_linear(hidden)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -1,0 +1,233 @@
+"""MLX model runner: turns vLLM scheduler outputs into mlx-lm forward passes.
+
+The scheduler decides everything that is policy (which requests run, how many prompt
+tokens a chunk has, which blocks hold which tokens, prefix-cache hits, preemption); the
+runner keeps just enough per-request state to know the token ids to feed and samples
+the next token when a request's scheduled tokens reach the end of what is known.
+
+Each step runs every decoding request (one new token each) in one batched MLX call;
+prefill chunks run one call each so no request pays for another's padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+from vllm_ray_metal import compat, model_loader, sampler
+from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+
+logger = logging.getLogger(__name__)
+
+TORCH_TO_MLX = {torch.float32: mx.float32, torch.float16: mx.float16,
+                torch.bfloat16: mx.bfloat16}
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: object
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: np.random.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_prompt_logprobs: int | None = None
+    prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, count: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if start + count <= prompt_len:
+            return self.prompt_token_ids[start:start + count]
+        return (self.prompt_token_ids + self.output_token_ids)[start:start + count]
+
+
+@dataclass
+class _Row:
+    state: RequestState
+    start: int
+    count: int
+    index: int  # position in the step's output
+
+
+class MLXModelRunner:
+    def __init__(self, vllm_config) -> None:
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.cache_config = vllm_config.cache_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.dtype = TORCH_TO_MLX[self.model_config.dtype]
+        self.model = None
+        self.kv_pool: PagedKVPool | None = None
+        self.requests: dict[str, RequestState] = {}
+        seed = self.model_config.seed
+        self.default_rng = np.random.default_rng(seed if seed is not None else 0)
+        self.vocab_size = self.model_config.get_vocab_size()
+
+    # ---- set-up -------------------------------------------------------------------
+    def load_model(self) -> None:
+        dtype_name = str(self.model_config.dtype).removeprefix("torch.")
+        self.model = model_loader.load(self.model_config.model, dtype_name)
+        self.weight_bytes = model_loader.parameter_bytes(self.model)
+        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",
+                    self.model_config.model, self.weight_bytes / 2**20)
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head size) of this worker's share of the model."""
+        parallel = self.vllm_config.parallel_config
+        return (self.model_config.get_num_layers(parallel),
+                self.model_config.get_num_kv_heads(parallel),
+                self.model_config.get_head_size())
+
+    def get_kv_cache_spec(self) -> dict:
+        layers, kv_heads, head_size = self.kv_layout()
+        spec = compat.full_attention_spec(self.block_size, kv_heads, head_size,
+                                          self.model_config.dtype)
+        return {f"model.layers.{i}.self_attn": spec for i in range(layers)}
+
+    def initialize_kv_cache(self, kv_cache_config) -> None:
+        layers, kv_heads, head_size = self.kv_layout()
+        self.kv_pool = PagedKVPool(layers, kv_cache_config.num_blocks, self.block_size,
+                                   kv_heads, head_size, self.dtype)
+        logger.info("Paged KV cache: %d blocks of %d tokens (%.1f MiB at full size)",
+                    kv_cache_config.num_blocks, self.block_size,
+                    kv_cache_config.num_blocks * self.kv_pool.bytes_per_block / 2**20)
+
+    def warm_up(self) -> None:
+        """One real forward on the null block: loads kernels and BLAS before serving."""
+        layout = build_layout([0], [1], [[0]], self.block_size)
+        hidden = self.model.model(mx.array([[0]]), cache=self.kv_pool.layer_caches(layout))
+        mx.eval(model_loader.compute_logits(self.model, hidden[:, -1]), self.kv_pool.arrays())
+
+    # ---- per step ------------------------------------------------------------------
+    def _update_states(self, so) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            if new.prompt_token_ids is None or params is None:
+                raise ValueError("vllm-ray-metal generates from token prompts only "
+                                 "(no prompt embeddings or pooling)")
+            state = RequestState(
+                req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+                sampling_params=params, block_ids=list(new.block_ids[0]),
+                num_computed_tokens=new.num_computed_tokens,
+                generator=np.random.default_rng(params.seed) if params.seed is not None else None)
+            if params.prompt_logprobs is not None:
+                k = params.prompt_logprobs
+                state.num_prompt_logprobs = self.vocab_size if k == -1 else k
+            self.requests[new.req_id] = state
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            if req_id in cached.all_token_ids:  # re-sent after a pause or preemption
+                state.output_token_ids = cached.all_token_ids[req_id][len(state.prompt_token_ids):]
+            else:
+                del state.output_token_ids[cached.num_output_tokens[i]:]
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_blocks[0])
+            elif new_blocks is not None:
+                state.block_ids.extend(new_blocks[0])
+
+    def _forward(self, rows: list[_Row]) -> mx.array:
+        """Run rows of new tokens through the model; return hidden states [B, L, H]."""
+        starts = [r.start for r in rows]
+        counts = [r.count for r in rows]
+        width = max(counts)
+        tokens = np.zeros((len(rows), width), dtype=np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, :r.count] = r.state.tokens(r.start, r.count)
+        needed = max(max(r.state.block_ids, default=0) for r in rows) + 1
+        self.kv_pool.ensure_capacity(needed)
+        layout = build_layout(starts, counts, [r.state.block_ids for r in rows], self.block_size)
+        return self.model.model(mx.array(tokens), cache=self.kv_pool.layer_caches(layout))
+
+    def _prompt_logprobs(self, row: _Row, hidden: mx.array, out: dict) -> None:
+        """vLLM's chunked prompt-logprob protocol: fill the chunk's rows, emit when complete."""
+        state = row.state
+        prompt_len = len(state.prompt_token_ids)
+        if row.start >= prompt_len:
+            return
+        remaining = prompt_len - (row.start + 1)
+        num_logits = min(row.count, remaining)
+        k = state.num_prompt_logprobs
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = (np.zeros((prompt_len - 1, k + 1), np.int32),
+                                     np.zeros((prompt_len - 1, k + 1), np.float32),
+                                     np.zeros(prompt_len - 1, np.int32))
+        if num_logits > 0:
+            logits = model_loader.compute_logits(self.model, hidden[:num_logits])
+            lps = sampler.log_softmax(np.asarray(logits.astype(mx.float32)))
+            targets = np.asarray(
+                state.prompt_token_ids[row.start + 1:row.start + 1 + num_logits], np.int64)
+            ids, vals, ranks = sampler.gather_logprobs(lps, k, targets)
+            chunk = slice(row.start, row.start + num_logits)
+            state.prompt_logprobs[0][chunk] = ids
+            state.prompt_logprobs[1][chunk] = vals
+            state.prompt_logprobs[2][chunk] = ranks
+        if row.count > remaining:  # this chunk finishes the prompt
+            ids, vals, ranks = state.prompt_logprobs
+            out[state.req_id] = compat.logprobs_tensors(
+                torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks))
+            state.prompt_logprobs = None
+            state.num_prompt_logprobs = None
+
+    def execute_model(self, so):
+        self._update_states(so)
+        req_ids = list(so.num_scheduled_tokens)
+        if not req_ids:
+            return compat.empty_model_runner_output()
+        if so.scheduled_spec_decode_tokens:
+            raise NotImplementedError("speculative decoding is not supported by vllm-ray-metal")
+        rows = []
+        for index, req_id in enumerate(req_ids):
+            state = self.requests[req_id]
+            rows.append(_Row(state, state.num_computed_tokens,
+                             so.num_scheduled_tokens[req_id], index))
+        decodes = [r for r in rows if r.count == 1]
+        groups = ([decodes] if decodes else []) + [[r] for r in rows if r.count > 1]
+
+        to_sample: list[_Row] = []
+        last_hidden: list[mx.array] = []
+        prompt_logprobs: dict = {}
+        for group in groups:
+            hidden = self._forward(group)
+            for b, r in enumerate(group):
+                if r.state.num_prompt_logprobs is not None:
+                    self._prompt_logprobs(r, hidden[b], prompt_logprobs)
+                r.state.num_computed_tokens = r.start + r.count
+                if r.start + r.count >= r.state.num_tokens:
+                    to_sample.append(r)
+                    last_hidden.append(hidden[b, r.count - 1])
+            mx.eval(last_hidden, self.kv_pool.arrays())
+
+        sampled: list[list[int]] = [[] for _ in rows]
+        logprobs = None
+        if to_sample:
+            logits = model_loader.compute_logits(self.model, mx.stack(last_hidden))
+            tokens, lp = sampler.sample(logits, [r.state for r in to_sample], self.default_rng)
+            for r, tok in zip(to_sample, tokens):
+                r.state.output_token_ids.append(tok)
+                sampled[r.index] = [tok]
+            if lp is not None:
+                logprobs = self._scatter_logprobs(lp, [r.index for r in to_sample], len(rows))
+        return compat.model_runner_output(req_ids, sampled, logprobs, prompt_logprobs)
+
+    @staticmethod
+    def _scatter_logprobs(lp, indices: list[int], num_rows: int):
+        ids, vals, ranks = lp
+        full_ids = np.zeros((num_rows, ids.shape[1]), np.int32)
+        full_vals = np.zeros((num_rows, ids.shape[1]), np.float32)
+        full_ranks = np.zeros(num_rows, np.int32)
+        full_ids[indices], full_vals[indices], full_ranks[indices] = ids, vals, ranks
+        return compat.logprobs_lists(full_ids, full_vals, full_ranks)

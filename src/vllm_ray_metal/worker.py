@@ -1,0 +1,118 @@
+"""vLLM V1 worker backed by MLX (Metal on Apple Silicon, CPU elsewhere).
+
+Implements the ``WorkerBase`` contract the engine core and executors call: device
+set-up, model loading, KV-cache sizing from available memory (no profiling pass, which
+would cost a full dummy forward at maximum batch size), and step execution.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mlx.core as mx
+import psutil
+import torch
+from vllm.v1.worker.worker_base import WorkerBase
+
+from vllm_ray_metal import compat
+from vllm_ray_metal.model_runner import MLXModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def mlx_device_memory() -> int:
+    """Bytes MLX may use: Metal's recommended working set, or available RAM on CPU."""
+    if mx.metal.is_available():
+        return int(mx.device_info()["max_recommended_working_set_size"])
+    return int(psutil.virtual_memory().available)
+
+
+class MLXWorker(WorkerBase):
+    """One model replica (or, with tensor/pipeline parallelism, one rank of it)."""
+
+    model_runner: MLXModelRunner
+
+    def init_device(self) -> None:
+        mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
+        self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
+        self.memory_at_start = mlx_device_memory()
+        seed = self.model_config.seed
+        mx.random.seed(seed if seed is not None else 0)
+        self.model_runner = MLXModelRunner(self.vllm_config)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if load_dummy_weights:
+            raise NotImplementedError("dummy weights are not supported by vllm-ray-metal")
+        self.model_runner.load_model()
+
+    def get_model(self):
+        return self.model_runner.model
+
+    def get_kv_cache_spec(self) -> dict:
+        return self.model_runner.get_kv_cache_spec()
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        return ["NHD"]
+
+    def determine_available_memory(self) -> int:
+        """KV-cache bytes: ``kv_cache_memory_bytes`` if set, else a fraction of memory.
+
+        The fraction is vLLM's ``gpu_memory_utilization``, applied to the memory MLX may
+        use when the worker started, minus the weights just loaded.
+        """
+        explicit = self.cache_config.kv_cache_memory_bytes
+        if explicit is not None:
+            return int(explicit)
+        fraction = self.cache_config.gpu_memory_utilization
+        budget = int(fraction * self.memory_at_start) - self.model_runner.weight_bytes
+        if budget <= 0:
+            raise ValueError(
+                f"No memory left for the KV cache: {fraction:.0%} of "
+                f"{self.memory_at_start / 2**30:.1f} GiB is less than the model's "
+                f"{self.model_runner.weight_bytes / 2**30:.1f} GiB of weights. Raise "
+                "--gpu-memory-utilization or set --kv-cache-memory-bytes.")
+        return budget
+
+    def get_cache_block_size_bytes(self) -> int:
+        layers, kv_heads, head_size = self.model_runner.kv_layout()
+        itemsize = self.model_runner.dtype.size
+        return 2 * layers * kv_heads * head_size * itemsize * self.cache_config.block_size
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        self.model_runner.initialize_kv_cache(kv_cache_config)
+
+    def compile_or_warm_up_model(self):
+        self.model_runner.warm_up()
+        return compat.compilation_times()
+
+    def execute_model(self, scheduler_output):
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def synchronize_device(self) -> None:
+        mx.synchronize()
+
+    def check_health(self) -> None:
+        return
+
+    def add_lora(self, lora_request) -> bool:
+        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+
+    def pin_lora(self, lora_id: int) -> bool:
+        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+
+    def list_loras(self) -> set[int]:
+        return set()
+
+    def shutdown(self) -> None:
+        self.model_runner = None  # type: ignore[assignment]
+        logger.debug("MLX worker %s (pid %d) shut down", self.rank, os.getpid())
