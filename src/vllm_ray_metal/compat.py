@@ -60,3 +60,30 @@ def compilation_times(language_model: float = 0.0, encoder: float = 0.0) -> Any:
     from vllm.v1.worker.worker_base import CompilationTimes
 
     return CompilationTimes(language_model=language_model, encoder=encoder)
+
+
+# vllm.v1.engine.core.cleanup_dist_env_and_memory (imported there from
+# vllm.distributed.parallel_state). For any platform that is not vLLM's CpuPlatform it
+# calls torch.accelerator.empty_cache(), which raises on a torch build without an
+# accelerator (Linux CPU torch; on macOS torch has MPS and this never triggers). The
+# error would turn every clean engine shutdown into a traceback. patches/ carries the
+# upstream fix (skip when torch.accelerator.is_available() is False); until then the
+# engine-core process wraps the function. Idempotent.
+def guard_accelerator_cleanup() -> None:
+    if torch.accelerator.is_available():
+        return
+    import vllm.v1.engine.core as engine_core
+
+    original = engine_core.cleanup_dist_env_and_memory
+    if getattr(original, "_vllm_ray_metal_guard", False):
+        return
+
+    def cleanup(*args: Any, **kwargs: Any) -> None:
+        try:
+            original(*args, **kwargs)
+        except RuntimeError as exc:
+            if "accelerator" not in str(exc):
+                raise
+
+    cleanup._vllm_ray_metal_guard = True  # type: ignore[attr-defined]
+    engine_core.cleanup_dist_env_and_memory = cleanup

@@ -34,6 +34,7 @@ class MLXWorker(WorkerBase):
     model_runner: MLXModelRunner
 
     def init_device(self) -> None:
+        compat.guard_accelerator_cleanup()  # in-process (uni) executors share our process
         mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
         self.memory_at_start = mlx_device_memory()
@@ -48,6 +49,9 @@ class MLXWorker(WorkerBase):
 
     def get_model(self):
         return self.model_runner.model
+
+    def get_model_inspection(self) -> str:
+        return repr(self.model_runner.model)  # mlx.nn.Module prints its own module tree
 
     def get_kv_cache_spec(self) -> dict:
         return self.model_runner.get_kv_cache_spec()
