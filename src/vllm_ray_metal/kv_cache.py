@@ -35,6 +35,7 @@ class BatchLayout:
     write_slots: mx.array  # [B*L] int32: slot for every (row, new token), padding -> null
     read_slots: mx.array  # [B, C] int32: slot for every context position, padding -> null
     mask: mx.array  # [B, 1, L, C] bool: which context positions each query may see
+    blocks_needed: int  # highest block id referenced + 1 (MLX does not bound-check)
 
 
 def build_layout(starts: list[int], lengths: list[int], block_tables: list[list[int]],
@@ -80,6 +81,7 @@ def build_layout(starts: list[int], lengths: list[int], block_tables: list[list[
         write_slots=mx.array(write.reshape(-1)),
         read_slots=mx.array(read),
         mask=mx.array(visible[:, None, :, :]),
+        blocks_needed=int(table.max()) + 1,
     )
 
 
@@ -127,6 +129,7 @@ class PagedKVPool:
         self.capacity = new_cap
 
     def layer_caches(self, layout: BatchLayout) -> list["PagedLayerCache"]:
+        self.ensure_capacity(layout.blocks_needed)
         return [PagedLayerCache(self, i, layout) for i in range(self.num_layers)]
 
     def arrays(self) -> list[mx.array]:

@@ -147,8 +147,6 @@ class MLXModelRunner:
         tokens = np.zeros((len(rows), width), dtype=np.int32)
         for b, r in enumerate(rows):
             tokens[b, :r.count] = r.state.tokens(r.start, r.count)
-        needed = max(max(r.state.block_ids, default=0) for r in rows) + 1
-        self.kv_pool.ensure_capacity(needed)
         layout = build_layout(starts, counts, [r.state.block_ids for r in rows], self.block_size)
         return self.model.model(mx.array(tokens), cache=self.kv_pool.layer_caches(layout))
 

@@ -96,6 +96,15 @@ class MLXPlatform(Platform):
         return float(mx.get_active_memory())
 
     @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        """vLLM's check flags unknown ``VLLM_*`` variables; ours are known here."""
+        ours = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("VLLM_RAY_METAL_")}
+        try:
+            super().validate_environ(hard_fail)
+        finally:
+            os.environ.update(ours)
+
+    @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         from vllm_ray_metal.config import apply_platform_config
 

@@ -1,0 +1,71 @@
+"""Fails loudly when an upstream vLLM symbol that compat.py relies on changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import torch
+
+from vllm_ray_metal import compat
+
+
+def test_pinned_vllm_version():
+    import vllm
+
+    assert vllm.__version__.startswith(compat.VLLM_VERSION)
+
+
+def test_output_types_have_the_fields_we_fill():
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
+
+    fields = {f.name for f in dataclasses.fields(ModelRunnerOutput)}
+    assert {"req_ids", "req_id_to_index", "sampled_token_ids", "logprobs",
+            "prompt_logprobs_dict"} <= fields
+    assert LogprobsLists._fields[:3] == ("logprob_token_ids", "logprobs", "sampled_token_ranks")
+    assert LogprobsTensors._fields[:3] == ("logprob_token_ids", "logprobs", "selected_token_ranks")
+    assert EMPTY_MODEL_RUNNER_OUTPUT.req_ids == []
+    out = compat.model_runner_output(["a", "b"], [[1], []], None, {})
+    assert out.req_id_to_index == {"a": 0, "b": 1}
+    lists = compat.logprobs_lists(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1))
+    assert lists.slice_request(0, 1).logprobs.shape == (1, 2)
+    t = compat.logprobs_tensors(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1))
+    assert t.selected_token_ranks.shape == (1,)
+
+
+def test_kv_spec_and_worker_base():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    spec = compat.full_attention_spec(16, 3, 64, torch.float32)
+    assert isinstance(spec, FullAttentionSpec)
+    assert spec.page_size_bytes == 2 * 16 * 3 * 64 * 4
+    for name in ("init_device", "load_model", "get_kv_cache_spec", "initialize_from_config",
+                 "compile_or_warm_up_model", "execute_model", "sample_tokens"):
+        assert callable(getattr(WorkerBase, name)), name
+    assert compat.compilation_times()._fields == ("language_model", "encoder")
+
+
+def test_scheduler_output_fields_the_runner_reads():
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    new = {f.name for f in dataclasses.fields(NewRequestData)}
+    assert {"req_id", "prompt_token_ids", "sampling_params", "block_ids",
+            "num_computed_tokens"} <= new
+    cached = {f.name for f in dataclasses.fields(CachedRequestData)}
+    assert {"req_ids", "resumed_req_ids", "all_token_ids", "new_block_ids",
+            "num_computed_tokens", "num_output_tokens"} <= cached
+    so = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+            "finished_req_ids", "scheduled_spec_decode_tokens"} <= so
+
+
+def test_engine_core_cleanup_symbol():
+    import vllm.v1.engine.core as core
+
+    assert callable(core.cleanup_dist_env_and_memory)
+    compat.guard_accelerator_cleanup()
+    compat.guard_accelerator_cleanup()  # idempotent
+    assert "shutdown_ray" in inspect.signature(core.cleanup_dist_env_and_memory).parameters \
+        or getattr(core.cleanup_dist_env_and_memory, "_vllm_ray_metal_guard", False)

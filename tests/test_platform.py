@@ -1,0 +1,90 @@
+"""Plugin activation and configuration-time checks (no engine is started here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PROBE = "from vllm.platforms import current_platform as p; print(type(p).__module__, type(p).__name__)"
+
+
+def run_probe(env_extra: dict[str, str]) -> str:
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_plugin_is_the_current_platform():
+    assert run_probe({}) == "vllm_ray_metal.platform MLXPlatform"
+
+
+def test_env_var_switches_plugin_off():
+    fallback = run_probe({"VLLM_RAY_METAL_DISABLE": "1"})
+    assert "MLXPlatform" not in fallback
+    assert fallback.split()[1] in {"CpuPlatform", "UnspecifiedPlatform", "CudaPlatform"}
+
+
+def test_platform_declares_ray_key_and_worker(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    assert current_platform.ray_device_key == "METAL"
+    cfg = EngineArgs(model=model_dir, max_model_len=512).create_engine_config()
+    assert cfg.parallel_config.worker_cls == "vllm_ray_metal.worker.MLXWorker"
+    assert cfg.scheduler_config.async_scheduling is False
+    assert cfg.cache_config.block_size == 16
+
+
+def test_ray_key_is_overridable():
+    probe = "from vllm.platforms import current_platform as p; print(p.ray_device_key)"
+    env = {**os.environ, "VLLM_RAY_METAL_RAY_KEY": "mlx"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "mlx"
+
+
+def make_config_error(model: str, **kw) -> tuple[str, float]:
+    from vllm.engine.arg_utils import EngineArgs
+
+    start = time.perf_counter()
+    with pytest.raises(Exception) as info:
+        EngineArgs(model=model, **kw).create_engine_config()
+    return str(info.value), time.perf_counter() - start
+
+
+def test_missing_model_directory_fails_fast(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    msg, took = make_config_error(missing)
+    assert missing in msg and took < 10
+
+
+def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    cfg = {"architectures": ["BloomForCausalLM"], "model_type": "bloom", "n_head": 4,
+           "hidden_size": 64, "n_layer": 2, "vocab_size": 49152}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"dummy": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
+    for f in Path(model_dir).glob("tokenizer*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    msg, took = make_config_error(str(tmp_path))
+    assert "not supported by the installed mlx-lm" in msg and "llama" in msg and took < 10
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"tensor_parallel_size": 3}, "tensor_parallel_size"),
+    ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
+    ({"enable_lora": True}, "--enable-lora"),
+])
+def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
+    msg, took = make_config_error(model_dir, max_model_len=512, **kw)
+    assert needle in msg and took < 10
