@@ -36,14 +36,17 @@ def test_output_types_have_the_fields_we_fill():
 
 def test_kv_spec_and_worker_base():
     from vllm.v1.kv_cache_interface import FullAttentionSpec
-    from vllm.v1.worker.worker_base import WorkerBase
+    from vllm.v1.worker.worker_base import WorkerBase, WorkerWrapperBase
 
     spec = compat.full_attention_spec(16, 3, 64, torch.float32)
     assert isinstance(spec, FullAttentionSpec)
     assert spec.page_size_bytes == 2 * 16 * 3 * 64 * 4
-    for name in ("init_device", "load_model", "get_kv_cache_spec", "initialize_from_config",
+    for name in ("init_device", "load_model", "get_kv_cache_spec",
                  "compile_or_warm_up_model", "execute_model", "sample_tokens"):
         assert callable(getattr(WorkerBase, name)), name
+    # the wrapper forwards initialize_from_config to the worker
+    assert "self.worker.initialize_from_config" in inspect.getsource(
+        WorkerWrapperBase.initialize_from_config)
     assert compat.compilation_times()._fields == ("language_model", "encoder")
 
 
