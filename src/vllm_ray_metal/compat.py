@@ -87,3 +87,32 @@ def guard_accelerator_cleanup() -> None:
 
     cleanup._vllm_ray_metal_guard = True  # type: ignore[attr-defined]
     engine_core.cleanup_dist_env_and_memory = cleanup
+
+
+# ---- Ray executor touch-points (vllm/v1/executor/ray_executor_v2.py and friends) ----
+# RayExecutorV2._init_executor hard-codes `ray.remote(RayWorkerProc)` and
+# `initialize_ray_cluster(...)` (which waits up to 1800 s for the placement group).
+# RayMetalExecutor therefore re-implements _init_executor from these upstream pieces;
+# patches/ proposes hooks (`worker_proc_cls`, `_create_placement_group`) that would
+# let it override two methods instead.
+def ray_executor_symbols() -> dict[str, Any]:
+    import vllm.envs as envs
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+    from vllm.v1.executor.multiproc_executor import FutureWrapper
+    from vllm.v1.executor.ray_env_utils import get_driver_env_vars
+    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerHandle, RayWorkerProc
+    from vllm.v1.executor.ray_utils import (WORKER_SPECIFIC_ENV_VARS, build_actor_name,
+                                            get_bundles_sorted_by_node)
+
+    return {
+        "RayExecutorV2": RayExecutorV2,  # base class of RayMetalExecutor
+        "RayWorkerProc": RayWorkerProc,  # base class of the worker actor
+        "RayWorkerHandle": RayWorkerHandle,  # (actor, rank, local_rank, node_id, bundle_id_idx)
+        "MessageQueue": MessageQueue,  # control-plane queues (shm on the driver node, TCP else)
+        "FutureWrapper": FutureWrapper,  # element type of MultiprocExecutor.futures_queue
+        "get_driver_env_vars": get_driver_env_vars,
+        "WORKER_SPECIFIC_ENV_VARS": WORKER_SPECIFIC_ENV_VARS,
+        "build_actor_name": build_actor_name,
+        "get_bundles_sorted_by_node": get_bundles_sorted_by_node,  # [(idx, node_id, ip)]
+        "mq_max_chunk_bytes": envs.VLLM_MQ_MAX_CHUNK_BYTES_MB * 1024 * 1024,
+    }

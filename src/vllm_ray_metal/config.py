@@ -15,6 +15,10 @@ from vllm_ray_metal.platform import WORKER_QUALNAME
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16
+AUTO_RAY_ENV = "VLLM_RAY_METAL_AUTO_RAY"
+DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"
+EXECUTOR_QUALNAMES = {"vllm_ray_metal.RayMetalExecutor",
+                      "vllm_ray_metal.executor.RayMetalExecutor"}
 
 
 class UnsupportedConfig(ValueError):
@@ -53,6 +57,7 @@ def apply_platform_config(vllm_config) -> None:
             "tensor_parallel_size / pipeline_parallel_size > 1 are not supported yet by "
             "vllm-ray-metal; use 1 (data parallel replicas are separate LLM instances).")
 
+    select_executor(parallel)
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER_QUALNAME
     if not cache_config.user_specified_block_size:
@@ -68,3 +73,44 @@ def apply_platform_config(vllm_config) -> None:
 
     # Metal and MLX state do not survive fork(); vLLM's own processes must be spawned.
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+
+def _ray_in_use() -> bool:
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def select_executor(parallel) -> None:
+    """Route every Ray request, and Ray-initialised callers, to RayMetalExecutor.
+
+    * ``"ray"`` or our qualname string -> the class (so ``ParallelConfig.use_ray`` holds);
+    * the default single-process backends, when Ray is initialised in this process or
+      ``RAY_ADDRESS`` is set -> the class (``VLLM_RAY_METAL_AUTO_RAY=0`` turns this off).
+    A class given explicitly (e.g. stock ``RayExecutorV2``) is left alone.
+    """
+    backend = parallel.distributed_executor_backend
+    auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    if backend == "ray" or backend in EXECUTOR_QUALNAMES or (
+            auto and backend in ("uni", "mp", None) and _ray_in_use()):
+        from vllm_ray_metal.executor import RayMetalExecutor
+
+        parallel.distributed_executor_backend = RayMetalExecutor
+    if parallel.use_ray:
+        _export_ray_address()
+
+
+def _export_ray_address() -> None:
+    """Let the engine-core process join the caller's cluster, at the caller's node."""
+    try:
+        import ray
+    except ImportError:
+        raise UnsupportedConfig(
+            "The Ray executor needs Ray: pip install 'ray==2.60.0'.") from None
+    if ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        os.environ[DRIVER_NODE_IP_ENV] = ray.util.get_node_ip_address()

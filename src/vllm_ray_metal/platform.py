@@ -111,6 +111,10 @@ class MLXPlatform(Platform):
         apply_platform_config(vllm_config)
 
     @classmethod
+    def update_block_size_for_backend(cls, vllm_config) -> None:
+        """No vLLM attention backend constrains the block size: the paged cache is ours."""
+
+    @classmethod
     def verify_quantization(cls, quant: str) -> None:
         raise ValueError(
             f"vLLM quantization method {quant!r} is not supported on MLX. Use an "

@@ -50,6 +50,11 @@ class MLXWorker(WorkerBase):
     def get_model(self):
         return self.model_runner.model
 
+    def node_info(self) -> dict:
+        """Where this worker runs (for `collective_rpc("node_info")`, tests, debugging)."""
+        return {"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid(),
+                "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device())}
+
     def get_model_inspection(self) -> str:
         return repr(self.model_runner.model)  # mlx.nn.Module prints its own module tree
 

@@ -1,0 +1,152 @@
+"""Ray cluster checks for MLX workers: connect, inspect, place — and fail fast.
+
+Stock vLLM creates a placement group and waits up to 30 minutes for it. Here the cluster
+is inspected first: if no set of alive nodes can hold the bundles, the error comes at
+once, lists every node with its address and resources, and says which command adds the
+missing resource. Any remaining wait (resources busy with another job) is bounded by
+``VLLM_RAY_METAL_PLACEMENT_TIMEOUT`` seconds (default 60).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_ENV = "VLLM_RAY_METAL_PLACEMENT_TIMEOUT"
+DEFAULT_PLACEMENT_TIMEOUT = 60.0
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the requested MLX workers."""
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def units(self, key: str) -> float:
+        return self.resources.get(key, 0.0) if self.alive else 0.0
+
+    def describe(self, key: str) -> str:
+        role = "head" if self.is_head else "worker"
+        state = "alive" if self.alive else "DEAD"
+        shown = {k: v for k, v in sorted(self.resources.items())
+                 if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+        return (f"  {self.address:<15} {role:<6} {state:<5} {key}={self.resources.get(key, 0):g}"
+                f"  {shown}")
+
+
+def placement_timeout() -> float:
+    raw = os.environ.get(PLACEMENT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_PLACEMENT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{PLACEMENT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def list_nodes() -> list[NodeInfo]:
+    import ray
+
+    nodes = []
+    for n in ray.nodes():
+        res = dict(n.get("Resources") or {})
+        nodes.append(NodeInfo(node_id=n["NodeID"], address=n["NodeManagerAddress"],
+                              alive=bool(n["Alive"]), is_head="node:__internal_head__" in res,
+                              resources=res))
+    return nodes
+
+
+def gcs_address() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # not connected
+        return "<head-address>:6379"
+
+
+def fix_command(key: str, missing: int) -> str:
+    head = gcs_address()
+    units = max(missing, 1)
+    return (f"on each Mac that should run workers: `vllm-ray-metal start --address {head}"
+            f" --units {units}` (or `ray start --address={head} --resources='{{\"{key}\": "
+            f"{units}}}'`); on a single machine, start the head with the key: "
+            f"`vllm-ray-metal start --head --units {units}`")
+
+
+def node_table(nodes: list[NodeInfo], key: str) -> str:
+    if not nodes:
+        return "  (no nodes)"
+    return "\n".join(n.describe(key) for n in nodes)
+
+
+def check_capacity(key: str, world_size: int, nodes: list[NodeInfo] | None = None) -> None:
+    """Raise PlacementError at once if alive nodes cannot hold ``world_size`` bundles.
+
+    Each bundle needs one unit of ``key``; a node with N units can host N workers.
+    """
+    nodes = list_nodes() if nodes is None else nodes
+    total = sum(int(n.units(key)) for n in nodes)
+    if total >= world_size:
+        return
+    what = (f"no alive node advertises the Ray resource {key!r}" if total == 0
+            else f"the cluster has {total} unit(s) of {key!r} on alive nodes")
+    raise PlacementError(
+        f"Cannot place {world_size} MLX worker(s): {what}, and each worker needs one.\n"
+        f"Nodes:\n{node_table(nodes, key)}\n"
+        f"Fix: {fix_command(key, world_size - total)}")
+
+
+def connect(key: str, runtime_env: dict | None = None) -> None:
+    """Attach to a running cluster, or start a local single-node one advertising ``key``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if sys.platform == "darwin":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    node_ip = os.environ.get("VLLM_RAY_METAL_DRIVER_NODE_IP")  # set by config.py
+    extra = {"_node_ip_address": node_ip} if node_ip else {}
+    try:
+        ray.init(address=address or "auto", runtime_env=runtime_env, **extra)
+        return
+    except ConnectionError:
+        if address:
+            raise PlacementError(
+                f"RAY_ADDRESS={address} is set but no Ray cluster answers there. Start one "
+                f"with `vllm-ray-metal start --head` or unset RAY_ADDRESS.") from None
+    logger.info("No Ray cluster found; starting a local one with %s=1", key)
+    ray.init(resources={key: 1}, runtime_env=runtime_env, include_dashboard=False)
+
+
+def create_placement_group(key: str, world_size: int, timeout: float | None = None):
+    """Create a PACK placement group of ``world_size`` bundles of ``{key: 1}``, bounded wait."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_capacity(key, world_size)
+    timeout = placement_timeout() if timeout is None else timeout
+    pg = placement_group([{key: 1.0} for _ in range(world_size)], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if ready:
+        return pg
+    remove_placement_group(pg)
+    nodes = list_nodes()
+    check_capacity(key, world_size, nodes)  # a node may have died meanwhile
+    available = ray.available_resources().get(key, 0)
+    raise PlacementError(
+        f"Timed out after {timeout:g}s placing {world_size} MLX worker(s) needing {key!r}: "
+        f"the cluster has the units but only {available:g} are free (another job holds the "
+        f"rest).\nNodes:\n{node_table(nodes, key)}\nFix: stop the other vLLM instance, add "
+        f"nodes ({fix_command(key, world_size)}), or wait longer with "
+        f"{PLACEMENT_TIMEOUT_ENV}=<seconds>.")

@@ -1,0 +1,166 @@
+"""RayMetalExecutor: vLLM's Ray executor for a platform whose Ray resource is custom.
+
+What differs from ``RayExecutorV2`` (vLLM 0.32), by design:
+
+* Device ids. Upstream reads ``get_accelerator_ids()[ray_device_key]``, which only lists
+  Ray's built-in accelerators, so a custom key such as ``METAL`` raises ``KeyError``.
+  Our worker actor reports the units of the key Ray actually assigned to it
+  (``get_assigned_resources()``); the executor turns them into per-node local ranks and
+  device ids.
+* Addresses. Every address a worker advertises or binds comes from the Ray node it runs
+  on: the TCPStore and message queues (upstream already), and ``VLLM_HOST_IP`` inside
+  the worker, so vLLM's ``get_ip()`` (gloo, ring peers) agrees with Ray even when the
+  driver's ``VLLM_HOST_IP`` or default route says otherwise.
+* Placement. The cluster is checked before any wait; an unplaceable request fails in
+  seconds with the node table and the command that fixes it (see ``cluster.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections import defaultdict, deque
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from vllm.platforms import current_platform
+
+from vllm_ray_metal import cluster, compat
+
+logger = logging.getLogger(__name__)
+
+_V = compat.ray_executor_symbols()
+
+
+class MetalRayWorkerProc(_V["RayWorkerProc"]):
+    """The worker actor: upstream's RayWorkerProc plus honest placement reporting."""
+
+    def placement_info(self) -> tuple[str, str, float, int]:
+        """(node id, Ray node address, units of the platform's key assigned to us, pid)."""
+        ctx = ray.get_runtime_context()
+        key = current_platform.ray_device_key
+        units = float(ctx.get_assigned_resources().get(key, 0.0))
+        return ctx.get_node_id(), ray.util.get_node_ip_address(), units, os.getpid()
+
+    def get_node_and_physical_gpu_ids(self) -> tuple[str, list[int]]:
+        """Upstream's query, answered from assigned resources (no KeyError).
+
+        Within one actor only the unit count is known; node-wide ids are assigned by
+        the executor. This keeps the method usable for code that calls it directly.
+        """
+        node_id, _, units, _ = self.placement_info()
+        return node_id, list(range(int(units)))
+
+
+class RayMetalExecutor(_V["RayExecutorV2"]):
+    """Ray executor for MLX workers; select it with ``distributed_executor_backend``."""
+
+    uses_ray: bool = True
+    supports_pp: bool = True
+    worker_proc_cls = MetalRayWorkerProc
+
+    def _init_executor(self) -> None:
+        compat.guard_accelerator_cleanup()
+        self._finalizer = weakref.finalize(self, self.shutdown)
+        self.is_failed = False
+        self.failure_callback = None
+        self.shutting_down = False
+        self.shutdown_lock = threading.Lock()
+
+        key = current_platform.ray_device_key
+        tp_size, pp_size, pcp_size = self._get_parallel_sizes()
+        cluster.connect(key, self.parallel_config.ray_runtime_env)
+        self._warn_on_host_ip_mismatch()
+        pg = self.parallel_config.placement_group
+        if pg is None:
+            pg = cluster.create_placement_group(key, self.world_size)
+            self.parallel_config.placement_group = pg
+        bundles = _V["get_bundles_sorted_by_node"](pg)[: self.world_size]
+        driver_node = ray.get_runtime_context().get_node_id()
+
+        n_local = sum(1 for _, node_id, _ in bundles if node_id == driver_node)
+        self.rpc_broadcast_mq = _V["MessageQueue"](
+            self.world_size, n_local, max_chunk_bytes=_V["mq_max_chunk_bytes"],
+            connect_ip=ray.util.get_node_ip_address())
+        input_handle = self.rpc_broadcast_mq.export_handle()
+        self.driver_env_vars = _V["get_driver_env_vars"](
+            worker_specific_vars=_V["WORKER_SPECIFIC_ENV_VARS"])
+
+        actor_cls = ray.remote(self.worker_proc_cls)
+        options: dict[str, Any] = dict(num_cpus=0, num_gpus=0, resources={key: 1.0},
+                                       runtime_env=self._build_runtime_env())
+        self.ray_worker_handles = []
+        for rank, (bundle_idx, node_id, _) in enumerate(bundles):
+            actor = actor_cls.options(
+                name=_V["build_actor_name"](self.vllm_config.instance_id, rank, tp_size,
+                                            pp_size, pcp_size),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=bundle_idx),
+                **options,
+            ).remote(vllm_config=self.vllm_config, rank=rank,
+                     input_shm_handle=input_handle,
+                     is_driver_worker=self._is_driver_worker(rank),
+                     is_driver_node=node_id == driver_node)
+            self.ray_worker_handles.append(_V["RayWorkerHandle"](
+                actor=actor, rank=rank, local_rank=-1, node_id=node_id,
+                bundle_id_idx=bundle_idx))
+
+        placements = ray.get([h.actor.placement_info.remote() for h in self.ray_worker_handles])
+        self.worker_addresses = self._assign_local_ranks(placements, key)
+        self.worker_pids = [p[3] for p in placements]  # fault-injection tests use these
+
+        init_method = ray.get(self.ray_worker_handles[0].actor.create_dist_init_method.remote())
+        per_node = defaultdict(int)
+        for node_id, *_ in placements:
+            per_node[node_id] += 1
+        ray.get([
+            h.actor.initialize_worker.remote(
+                h.local_rank, {"VLLM_HOST_IP": address}, init_method, self.driver_env_vars,
+                assigned_physical_gpu_ids=list(range(per_node[node_id])))
+            for h, (node_id, address, *_) in zip(self.ray_worker_handles, placements)
+        ])
+
+        results = ray.get([h.actor.wait_for_init.remote() for h in self.ray_worker_handles])
+        self.response_mqs = []
+        for rank, result in enumerate(results):
+            if result["status"] != MetalRayWorkerProc.READY_STR:
+                raise RuntimeError(f"MLX worker rank {rank} failed to initialize: {result}")
+            self.response_mqs.append(_V["MessageQueue"].create_from_handle(result["handle"], 0))
+        for handle in self.ray_worker_handles:
+            handle.run()  # workers subscribe inside run(); start before the barrier
+        self.rpc_broadcast_mq.wait_until_ready()
+        for mq in self.response_mqs:
+            mq.wait_until_ready()
+
+        self.futures_queue = deque()
+        self._post_init_executor()
+        self.start_worker_monitor()
+        self.output_rank = self._get_output_rank()
+        logger.info("RayMetalExecutor: %d MLX worker(s) on %s", self.world_size,
+                    ", ".join(sorted(set(self.worker_addresses))))
+
+    def _assign_local_ranks(self, placements: list[tuple], key: str) -> list[str]:
+        """Local rank = order among this executor's workers on the same node."""
+        seen: dict[str, int] = defaultdict(int)
+        for handle, (node_id, address, units, _) in zip(self.ray_worker_handles, placements):
+            if units <= 0:
+                raise cluster.PlacementError(
+                    f"Worker rank {handle.rank} on {address} was placed without any {key!r} "
+                    "unit; the placement group does not reserve the platform's key.")
+            handle.local_rank = seen[node_id]
+            seen[node_id] += 1
+        return [p[1] for p in placements]
+
+    @staticmethod
+    def _warn_on_host_ip_mismatch() -> None:
+        """Ray's address wins; say so when the driver's VLLM_HOST_IP disagrees."""
+        host_ip = os.environ.get("VLLM_HOST_IP")
+        ray_ip = ray.util.get_node_ip_address()
+        if host_ip and host_ip != ray_ip:
+            logger.warning(
+                "VLLM_HOST_IP=%s differs from this process's Ray node address %s; "
+                "vllm-ray-metal uses Ray's addresses for every listener (unset VLLM_HOST_IP "
+                "to silence this).", host_ip, ray_ip)

@@ -1,0 +1,64 @@
+"""Scenarios run in a fresh driver process against a test cluster; print one JSON line.
+
+    python ray_scenarios.py <scenario> <ray address> <driver node ip> [backend]
+
+A fresh process per scenario is what users do (one driver per job) and keeps one
+test's Ray connection and engine from leaking into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+
+def backend_from(name: str):
+    if name == "class":
+        from vllm_ray_metal import RayMetalExecutor
+
+        return RayMetalExecutor
+    if name == "stock":
+        from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
+
+        return RayExecutorV2
+    if name == "auto":
+        return None
+    return name  # "ray" or a qualname string
+
+
+def main() -> None:
+    scenario, address, node_ip = sys.argv[1:4]
+    backend = sys.argv[4] if len(sys.argv) > 4 else "class"
+    import ray
+    from vllm import LLM, SamplingParams
+
+    from vllm_ray_metal import default_model
+
+    ray.init(address=address, _node_ip_address=node_ip, logging_level="ERROR")
+    result: dict = {"scenario": scenario}
+    started = time.perf_counter()
+    try:
+        kwargs = dict(model=default_model(), max_model_len=512,
+                      kv_cache_memory_bytes=64 << 20)
+        chosen = backend_from(backend)
+        if chosen is not None:
+            kwargs["distributed_executor_backend"] = chosen
+        llm = LLM(**kwargs)
+        result["ready_s"] = time.perf_counter() - started
+        outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                        SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+        result["text"] = outs[0].outputs[0].text
+        result["token_ids"] = list(outs[0].outputs[0].token_ids)
+        result["workers"] = llm.collective_rpc("node_info")
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # the scenario reports; the test decides
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["error_s"] = time.perf_counter() - started
+        result["traceback"] = traceback.format_exc()[-3000:]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
