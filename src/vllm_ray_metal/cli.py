@@ -1,7 +1,11 @@
 """``vllm-ray-metal`` console script.
 
-    vllm-ray-metal default-model        print (and create) the embedded model's directory
-    vllm-ray-metal generate [PROMPT]    a real chat generation on the default model
+    vllm-ray-metal start --head [--units N]          start a head node advertising the key
+    vllm-ray-metal start --address HEAD:PORT          join a cluster from another machine
+    vllm-ray-metal status                             nodes, addresses, key units, mismatches
+    vllm-ray-metal stop                               stop the nodes this tool started here
+    vllm-ray-metal generate [PROMPT ...]              a real generation through RayMetalExecutor
+    vllm-ray-metal default-model                      print (and create) the default model path
 """
 
 from __future__ import annotations
@@ -19,23 +23,106 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    """Start a private local Ray cluster, generate through RayMetalExecutor, stop it."""
+    import ray
     from vllm import LLM, SamplingParams
 
+    from vllm_ray_metal import RayMetalExecutor
     from vllm_ray_metal.default_model import default_model
+    from vllm_ray_metal.platform import ray_resource_key
 
     model = args.model or default_model()
-    started = time.perf_counter()
-    llm = LLM(model=model, max_model_len=args.max_model_len,
-              kv_cache_memory_bytes=args.kv_cache_mib << 20)
-    ready = time.perf_counter() - started
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    started = time.perf_counter()
-    out = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
-    elapsed = time.perf_counter() - started
-    for prompt, result in zip(args.prompt, out):
-        print(f"Q: {prompt}\nA: {result.outputs[0].text.strip()}\n")
-    tokens = sum(len(r.outputs[0].token_ids) for r in out)
-    print(f"[engine ready in {ready:.1f}s; {tokens} tokens in {elapsed:.1f}s]")
+    key = ray_resource_key()
+    ray.init(resources={key: 1}, include_dashboard=False, logging_level="ERROR")
+    llm = None
+    try:
+        started = time.perf_counter()
+        llm = LLM(model=model, max_model_len=args.max_model_len,
+                  kv_cache_memory_bytes=args.kv_cache_mib << 20,
+                  distributed_executor_backend=RayMetalExecutor)
+        ready = time.perf_counter() - started
+        where = llm.collective_rpc("node_info")[0]
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+        started = time.perf_counter()
+        out = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params,
+                       use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        for prompt, result in zip(args.prompt, out):
+            print(f"Q: {prompt}\nA: {result.outputs[0].text.strip()}\n")
+        tokens = sum(len(r.outputs[0].token_ids) for r in out)
+        print(f"[RayMetalExecutor worker pid {where['pid']} at {where['host_ip']} on "
+              f"{where['device']}; ready in {ready:.1f}s; {tokens} tokens in {elapsed:.1f}s]")
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        ray.shutdown()  # the local cluster was ours; this stops it
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from vllm_ray_metal import node
+    from vllm_ray_metal.platform import ray_resource_key
+
+    if not args.head and not args.address:
+        print("error: give --head to start a cluster or --address HEAD:PORT to join one",
+              file=sys.stderr)
+        return 2
+    info = node.start_node(head=args.head, address=args.address, node_ip=args.node_ip_address,
+                           port=args.port, key=args.key or ray_resource_key(),
+                           units=args.units, extra=args.ray_args)
+    role = "head" if info["head"] else "worker"
+    print(f"Started Ray {role} node {info['node_ip']} (pid {info['pid']}) advertising "
+          f"{info['key']}={info['units']} on {info['device']}.")
+    print(f"Cluster address: {info['address']}")
+    print(f"Join from another machine: vllm-ray-metal start --address {info['address']}")
+    print(f"Use from Python: ray.init(address=\"{info['address']}\") then "
+          "LLM(..., distributed_executor_backend=RayMetalExecutor)")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+
+    from vllm_ray_metal import cluster, node
+    from vllm_ray_metal.platform import ray_resource_key
+
+    key = args.key or ray_resource_key()
+    heads = [n["address"] for n in node.started_nodes() if n["head"]]
+    address = args.address or os.environ.get("RAY_ADDRESS") or (heads[0] if heads else "auto")
+    try:
+        ray.init(address=address, logging_level="ERROR")
+    except ConnectionError:
+        print(f"No Ray cluster answers at {address}. Start one: vllm-ray-metal start --head",
+              file=sys.stderr)
+        return 1
+    nodes = cluster.list_nodes()
+    print(f"Cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)")
+    print(cluster.node_table(nodes, key))
+    total = sum(int(n.units(key)) for n in nodes)
+    print(f"{key} units on alive nodes: {total}")
+    host_ip = os.environ.get("VLLM_HOST_IP")
+    addresses = {n.address for n in nodes if n.alive}
+    if host_ip and host_ip not in addresses:
+        print(f"Mismatch: VLLM_HOST_IP={host_ip} is not the address of any Ray node "
+              f"({', '.join(sorted(addresses))}). RayMetalExecutor uses Ray's addresses; "
+              "for other tools `unset VLLM_HOST_IP` or set it to this machine's Ray node "
+              "address.")
+    if total == 0:
+        print(f"Fix: {cluster.fix_command(key, 1)}")
+    ray.shutdown()
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from vllm_ray_metal import node
+
+    stopped = node.stop_nodes(args.node_ip_address)
+    for info in stopped:
+        print(f"Stopped Ray node {info['node_ip']} (pid {info['pid']})")
+    if not stopped:
+        print("No node started by vllm-ray-metal is recorded on this machine.")
     return 0
 
 
@@ -46,6 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("default-model", help="print the embedded default model's directory")
     p.set_defaults(func=_cmd_default_model)
+
+    p = sub.add_parser("start", help="start a Ray node advertising the MLX key")
+    p.add_argument("--head", action="store_true", help="start a new cluster's head node")
+    p.add_argument("--address", help="HEAD:PORT of the cluster to join")
+    p.add_argument("--port", type=int, default=6379, help="head GCS port (with --head)")
+    p.add_argument("--node-ip-address", help="this node's address (default: the one that "
+                   "routes to the head)")
+    p.add_argument("--units", type=int, help="workers this node may host (default: detected)")
+    p.add_argument("--key", help="Ray resource name (default: METAL or $VLLM_RAY_METAL_RAY_KEY)")
+    p.add_argument("ray_args", nargs=argparse.REMAINDER,
+                   help="further `ray start` options, after --")
+    p.set_defaults(func=_cmd_start)
+
+    p = sub.add_parser("status", help="show nodes, addresses and key units")
+    p.add_argument("--address", help="cluster address (default: RAY_ADDRESS or ours)")
+    p.add_argument("--key")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("stop", help="stop the Ray nodes this tool started on this machine")
+    p.add_argument("--node-ip-address", help="only the node with this address")
+    p.set_defaults(func=_cmd_stop)
 
     p = sub.add_parser("generate", help="generate with vLLM on MLX")
     p.add_argument("prompt", nargs="*", default=["What is the capital of France?"])
@@ -59,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "ray_args", None) and args.ray_args[0] == "--":
+        args.ray_args = args.ray_args[1:]
     return args.func(args)
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 PLACEMENT_TIMEOUT_ENV = "VLLM_RAY_METAL_PLACEMENT_TIMEOUT"
 DEFAULT_PLACEMENT_TIMEOUT = 60.0

@@ -12,7 +12,7 @@ import os
 from vllm_ray_metal import model_loader
 from vllm_ray_metal.platform import WORKER_QUALNAME
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 DEFAULT_BLOCK_SIZE = 16
 AUTO_RAY_ENV = "VLLM_RAY_METAL_AUTO_RAY"
@@ -101,11 +101,15 @@ def select_executor(parallel) -> None:
 
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
-        _export_ray_address()
+        _export_ray_address(parallel.world_size)
 
 
-def _export_ray_address() -> None:
-    """Let the engine-core process join the caller's cluster, at the caller's node."""
+def _export_ray_address(world_size: int) -> None:
+    """Let the engine-core process join the caller's cluster, at the caller's node.
+
+    When the caller is connected, the cluster is also checked here, so an unplaceable
+    request raises in the caller's own process before any engine process is spawned.
+    """
     try:
         import ray
     except ImportError:
@@ -114,3 +118,7 @@ def _export_ray_address() -> None:
     if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         os.environ[DRIVER_NODE_IP_ENV] = ray.util.get_node_ip_address()
+        from vllm_ray_metal import cluster
+        from vllm_ray_metal.platform import ray_resource_key
+
+        cluster.check_capacity(ray_resource_key(), world_size)

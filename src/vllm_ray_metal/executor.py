@@ -30,7 +30,7 @@ from vllm.platforms import current_platform
 
 from vllm_ray_metal import cluster, compat
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 _V = compat.ray_executor_symbols()
 

@@ -21,7 +21,7 @@ import torch
 from vllm_ray_metal import compat, model_loader, sampler
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 TORCH_TO_MLX = {torch.float32: mx.float32, torch.float16: mx.float16,
                 torch.bfloat16: mx.bfloat16}

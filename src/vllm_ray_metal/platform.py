@@ -17,7 +17,7 @@ import sys
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 DISABLE_ENV = "VLLM_RAY_METAL_DISABLE"
 RAY_KEY_ENV = "VLLM_RAY_METAL_RAY_KEY"

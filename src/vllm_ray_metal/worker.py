@@ -18,7 +18,7 @@ from vllm.v1.worker.worker_base import WorkerBase
 from vllm_ray_metal import compat
 from vllm_ray_metal.model_runner import MLXModelRunner
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 
 def mlx_device_memory() -> int:

@@ -1,0 +1,92 @@
+"""RayMetalExecutor on live loopback clusters (no mocks of Ray).
+
+Cluster: head 127.0.0.2 without the key, worker node 127.0.0.3 with METAL=1 — so a
+worker that runs at all runs on the remote node. Each scenario is a fresh driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_cluster import LocalRayCluster
+from vllm_ray_metal import cluster
+
+SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})]) as c:
+        yield c
+
+
+def run_scenario(c: LocalRayCluster, backend: str, env: dict | None = None,
+                 timeout: float = 420) -> tuple[dict, str]:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, backend],
+                         capture_output=True, text=True, timeout=timeout, env=full_env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"scenario printed no result:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):]), out.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(two_nodes):
+    """The same request without Ray (in-process worker): what every backend must give."""
+    res, err = run_scenario(two_nodes, "uni", {"VLLM_RAY_METAL_AUTO_RAY": "0"})
+    assert "error" not in res, res.get("traceback", err[-3000:])
+    assert res["workers"][0]["host_ip"] is None  # not placed by Ray
+    return res["token_ids"]
+
+
+def test_stock_ray_executor_raises_keyerror_on_custom_key(two_nodes):
+    """Documents the upstream bug this library exists for."""
+    res, err = run_scenario(two_nodes, "stock")
+    assert "error" in res
+    assert "KeyError: 'METAL'" in err and "get_node_and_physical_gpu_ids" in err
+
+
+def test_class_places_worker_on_remote_node_despite_host_ip_mismatch(two_nodes,
+                                                                     reference_tokens):
+    res, err = run_scenario(two_nodes, "class", {"VLLM_HOST_IP": "127.0.0.1"})
+    assert "error" not in res, res.get("traceback", err[-3000:])
+    assert "Paris" in res["text"]
+    assert res["token_ids"] == reference_tokens
+    (worker,) = res["workers"]
+    assert worker["host_ip"] == "127.0.0.3"  # Ray's address of the node, not the driver's
+    assert "differs from this process's Ray node address" in err
+
+
+@pytest.mark.parametrize("backend", ["vllm_ray_metal.RayMetalExecutor", "ray", "auto"])
+def test_qualname_ray_and_auto_selection(two_nodes, reference_tokens, backend):
+    res, err = run_scenario(two_nodes, backend)
+    assert "error" not in res, res.get("traceback", err[-3000:])
+    assert res["token_ids"] == reference_tokens
+    assert res["workers"][0]["host_ip"] == "127.0.0.3"
+
+
+def test_missing_key_fails_fast_with_node_table_and_fix():
+    with LocalRayCluster([("127.0.0.4", {})]) as c:
+        res, err = run_scenario(c, "class", timeout=120)
+    assert res["error"].startswith("PlacementError")
+    assert res["error_s"] < 10
+    assert "127.0.0.4" in res["error"] and "vllm-ray-metal start" in res["error"]
+    assert "'METAL'" in res["error"]
+
+
+def test_too_few_units_message_names_counts_and_command():
+    nodes = [cluster.NodeInfo("a", "10.0.0.1", True, True, {"METAL": 1.0, "CPU": 8.0}),
+             cluster.NodeInfo("b", "10.0.0.2", False, False, {"METAL": 1.0})]
+    with pytest.raises(cluster.PlacementError) as info:
+        cluster.check_capacity("METAL", 2, nodes)
+    msg = str(info.value)
+    assert "1 unit(s) of 'METAL'" in msg and "10.0.0.2" in msg and "DEAD" in msg
+    assert "--units 1" in msg
+    cluster.check_capacity("METAL", 1, nodes)  # one alive unit is enough for one worker
