@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vllm_ray_metal.default_model import default_model
+from vllm_ray_metal import blas
+
+blas.preload()  # before anything imports mlx.core (see blas.py)
+
+from vllm_ray_metal.default_model import default_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["RayMetalExecutor", "default_model", "__version__"]
