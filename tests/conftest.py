@@ -8,6 +8,10 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test clusters live on loopback addresses only. Ray 2.60 turns on token auth for a head
+# node once ~/.ray/auth_token exists (any local ray.init() may create it) while joining
+# nodes default to off; pin one mode for every raylet and driver the tests start.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 CHAT_PROMPTS = [
     "What is the capital of France?",

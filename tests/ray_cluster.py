@@ -44,8 +44,10 @@ class RayNode:
 class LocalRayCluster:
     """``LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})])``; head first."""
 
-    def __init__(self, nodes: list[tuple[str, dict[str, float]]], num_cpus: int = 1) -> None:
+    def __init__(self, nodes: list[tuple[str, dict[str, float]]], num_cpus: int = 1,
+                 env: dict[str, str] | None = None) -> None:
         self.nodes = [RayNode(ip, res, num_cpus) for ip, res in nodes]
+        self.env = env or {}  # extra environment for the raylets (and so their workers)
         self.temp_dir = tempfile.mkdtemp(prefix="vrm-ray-")
         self.head_ip = self.nodes[0].ip
         self.port = free_port(self.head_ip)
@@ -64,7 +66,7 @@ class LocalRayCluster:
                     "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
         else:
             cmd += [f"--address={self.address}"]
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.env}
         env.pop("RAY_ADDRESS", None)
         node.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=env, start_new_session=True)

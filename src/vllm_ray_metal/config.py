@@ -88,15 +88,16 @@ def _ray_in_use() -> bool:
 def select_executor(parallel) -> None:
     """Route every Ray request, and Ray-initialised callers, to RayMetalExecutor.
 
-    * ``"ray"`` or our qualname string -> the class (so ``ParallelConfig.use_ray`` holds);
-    * the default single-process backends, when Ray is initialised in this process or
-      ``RAY_ADDRESS`` is set -> the class (``VLLM_RAY_METAL_AUTO_RAY=0`` turns this off).
+    * our qualname string -> the class (so ``ParallelConfig.use_ray`` holds);
+    * ``"ray"``, and the default single-process backends when Ray is initialised in this
+      process or ``RAY_ADDRESS`` is set -> the class. ``VLLM_RAY_METAL_AUTO_RAY=0`` turns
+      both off (stock ``"ray"`` then means vLLM's own executor).
     A class given explicitly (e.g. stock ``RayExecutorV2``) is left alone.
     """
     backend = parallel.distributed_executor_backend
     auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
-    if backend == "ray" or backend in EXECUTOR_QUALNAMES or (
-            auto and backend in ("uni", "mp", None) and _ray_in_use()):
+    if backend in EXECUTOR_QUALNAMES or (auto and (
+            backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))):
         from vllm_ray_metal.executor import RayMetalExecutor
 
         parallel.distributed_executor_backend = RayMetalExecutor
