@@ -61,7 +61,7 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_bin, "start", "--block", f"--node-ip-address={node_ip}",
            f"--resources={json.dumps({key: units})}", *extra]
-    cmd += [f"--port={port}"] if head else [f"--address={address}"]
+    cmd += ["--head", f"--port={port}"] if head else [f"--address={address}"]
     env = dict(os.environ)
     if sys.platform == "darwin":
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # multi-node Ray on macOS

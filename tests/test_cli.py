@@ -1,0 +1,58 @@
+"""`vllm-ray-metal start/status/stop` on a loopback address; stop ends exactly its node."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import psutil
+
+from ray_cluster import free_port
+
+CLI = [sys.executable, "-m", "vllm_ray_metal.cli"]
+
+
+def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_start_status_stop_roundtrip(tmp_path):
+    env = {**os.environ, "VLLM_RAY_METAL_CACHE": str(tmp_path / "cache"),
+           "VLLM_HOST_IP": "10.9.9.9"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port("127.0.0.5")
+    ray_tmp = tempfile.mkdtemp(prefix="vrm-cli-")  # short: Ray's socket paths are limited
+    start = run(["start", "--head", "--node-ip-address", "127.0.0.5", "--port", str(port),
+                 "--units", "2", "--", "--num-cpus=1", "--include-dashboard=false",
+                 f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+                 f"--dashboard-agent-listen-port={free_port()}",
+                 f"--ray-client-server-port={free_port()}"], env)
+    assert start.returncode == 0, start.stderr[-3000:]
+    assert f"Cluster address: 127.0.0.5:{port}" in start.stdout
+    state = json.loads((tmp_path / "cache" / "nodes" / "127.0.0.5.json").read_text())
+    ray_start = psutil.Process(state["pid"])
+    daemons = ray_start.children(recursive=True)
+    try:
+        status = run(["status", "--address", f"127.0.0.5:{port}"], env)
+        assert status.returncode == 0, status.stderr[-3000:]
+        assert "127.0.0.5" in status.stdout and "METAL=2" in status.stdout
+        assert "METAL units on alive nodes: 2" in status.stdout
+        assert "VLLM_HOST_IP=10.9.9.9 is not the address of any Ray node" in status.stdout
+    finally:
+        stop = run(["stop"], env)
+    assert "Stopped Ray node 127.0.0.5" in stop.stdout
+    assert not ray_start.is_running() or ray_start.status() == psutil.STATUS_ZOMBIE
+    gone, alive = psutil.wait_procs(daemons, timeout=20)
+    assert not alive, [p.pid for p in alive]
+    assert run(["stop"], env).stdout.startswith("No node started")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_start_requires_head_or_address(tmp_path):
+    env = {**os.environ, "VLLM_RAY_METAL_CACHE": str(tmp_path)}
+    out = run(["start"], env)
+    assert out.returncode == 2 and "--head" in out.stderr
