@@ -55,3 +55,29 @@ def chat_token_ids(model: str, prompts: list[str]) -> list[list[int]]:
                                        add_generation_prompt=True, tokenize=False)
         out.append(tok(text, add_special_tokens=False)["input_ids"])
     return out
+
+
+def tiny_llama(path, model_dir: str, heads: int = 8, kv_heads: int = 4, layers: int = 4,
+               hidden: int = 256, seed: int = 0) -> str:
+    """A random-weight llama in HF format (tokenizer borrowed from the default model)."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return str(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                      tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(str(path), safe_serialization=True)
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja",):
+            shutil.copy(f, path / f.name)
+    return str(path)

@@ -1,6 +1,8 @@
 """Scenarios run in a fresh driver process against a test cluster; print one JSON line.
 
-    python ray_scenarios.py <scenario> <ray address> <driver node ip> [backend]
+    python ray_scenarios.py <scenario> <ray address> <driver node ip> [backend] [json options]
+
+options: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "llm": {LLM kwargs}}
 
 A fresh process per scenario is what users do (one driver per job) and keeps one
 test's Ray connection and engine from leaking into the next.
@@ -31,6 +33,7 @@ def backend_from(name: str):
 def main() -> None:
     scenario, address, node_ip = sys.argv[1:4]
     backend = sys.argv[4] if len(sys.argv) > 4 else "class"
+    opts = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     import ray
     from vllm import LLM, SamplingParams
 
@@ -40,17 +43,26 @@ def main() -> None:
     result: dict = {"scenario": scenario}
     started = time.perf_counter()
     try:
-        kwargs = dict(model=default_model(), max_model_len=512,
-                      kv_cache_memory_bytes=64 << 20)
+        kwargs = dict(model=opts.get("model") or default_model(), max_model_len=512,
+                      kv_cache_memory_bytes=64 << 20, **opts.get("llm", {}))
         chosen = backend_from(backend)
         if chosen is not None:
             kwargs["distributed_executor_backend"] = chosen
         llm = LLM(**kwargs)
         result["ready_s"] = time.perf_counter() - started
-        outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
-                        SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-        result["text"] = outs[0].outputs[0].text
-        result["token_ids"] = list(outs[0].outputs[0].token_ids)
+        if "prompts" in opts:
+            from vllm.inputs import TokensPrompt
+
+            params = SamplingParams(temperature=0.0, max_tokens=opts.get("max_tokens", 32),
+                                    ignore_eos=True)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in opts["prompts"]],
+                                params, use_tqdm=False)
+            result["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+        else:
+            outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                            SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+            result["text"] = outs[0].outputs[0].text
+            result["token_ids"] = list(outs[0].outputs[0].token_ids)
         result["workers"] = llm.collective_rpc("node_info")
         llm.llm_engine.engine_core.shutdown()
     except Exception as exc:  # the scenario reports; the test decides

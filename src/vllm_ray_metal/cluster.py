@@ -105,8 +105,8 @@ def check_capacity(key: str, world_size: int, nodes: list[NodeInfo] | None = Non
         f"Fix: {fix_command(key, world_size - total)}")
 
 
-def connect(key: str, runtime_env: dict | None = None) -> None:
-    """Attach to a running cluster, or start a local single-node one advertising ``key``."""
+def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
+    """Attach to a running cluster, or start a local single-node one with ``units`` of key."""
     import ray
 
     if ray.is_initialized():
@@ -125,8 +125,8 @@ def connect(key: str, runtime_env: dict | None = None) -> None:
             raise PlacementError(
                 f"RAY_ADDRESS={address} is set but no Ray cluster answers there. Start one "
                 f"with `vllm-ray-metal start --head` or unset RAY_ADDRESS.") from None
-    logger.info("No Ray cluster found; starting a local one with %s=1", key)
-    ray.init(resources={key: 1}, runtime_env=runtime_env, include_dashboard=False)
+    logger.info("No Ray cluster found; starting a local one with %s=%d", key, units)
+    ray.init(resources={key: units}, runtime_env=runtime_env, include_dashboard=False)
 
 
 def create_placement_group(key: str, world_size: int, timeout: float | None = None):

@@ -53,9 +53,22 @@ def apply_platform_config(vllm_config) -> None:
     _reject(cache_config.cache_dtype not in ("auto", None),
             f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; MLX workers keep "
             "the KV cache in the model dtype (drop --kv-cache-dtype).")
-    _reject(parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1,
-            "tensor_parallel_size / pipeline_parallel_size > 1 are not supported yet by "
-            "vllm-ray-metal; use 1 (data parallel replicas are separate LLM instances).")
+    _reject(parallel.pipeline_parallel_size > 1,
+            "pipeline_parallel_size > 1 is not supported yet by vllm-ray-metal; use "
+            "tensor_parallel_size to spread a model over several Macs.")
+    _reject(parallel.data_parallel_size > 1,
+            "data_parallel_size > 1 is not supported yet by vllm-ray-metal; run one LLM per "
+            "replica.")
+    if parallel.tensor_parallel_size > 1 and model_config is not None:
+        from vllm_ray_metal import parallel as mlx_parallel
+
+        try:
+            mlx_parallel.check_tensor_parallel(
+                model_config.hf_config, parallel.tensor_parallel_size,
+                model_loader.model_module(model_config.model))
+            mlx_parallel.mlx_backend()
+        except ValueError as exc:
+            raise UnsupportedConfig(str(exc)) from None
 
     select_executor(parallel)
     if parallel.worker_cls == "auto":
@@ -97,7 +110,9 @@ def select_executor(parallel) -> None:
     backend = parallel.distributed_executor_backend
     auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
     if backend in EXECUTOR_QUALNAMES or (auto and (
-            backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))):
+            backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
+            backend in ("mp", "uni") and parallel.world_size > 1):
+        # (several ranks need RayMetalExecutor: it builds the MLX group's peer list)
         from vllm_ray_metal.executor import RayMetalExecutor
 
         parallel.distributed_executor_backend = RayMetalExecutor

@@ -18,7 +18,9 @@ What differs from ``RayExecutorV2`` (vLLM 0.32), by design:
 from __future__ import annotations
 
 import logging
+import json
 import os
+import socket
 import threading
 import weakref
 from collections import defaultdict, deque
@@ -28,7 +30,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from vllm.platforms import current_platform
 
-from vllm_ray_metal import cluster, compat
+from vllm_ray_metal import cluster, compat, parallel
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -54,6 +56,12 @@ class MetalRayWorkerProc(_V["RayWorkerProc"]):
         node_id, _, units, _ = self.placement_info()
         return node_id, list(range(int(units)))
 
+    def reserve_port(self) -> int:
+        """A free TCP port on this worker's Ray node address, for its MLX ring peer."""
+        with socket.socket() as s:
+            s.bind((ray.util.get_node_ip_address(), 0))
+            return s.getsockname()[1]
+
 
 class RayMetalExecutor(_V["RayExecutorV2"]):
     """Ray executor for MLX workers; select it with ``distributed_executor_backend``."""
@@ -72,7 +80,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
 
         key = current_platform.ray_device_key
         tp_size, pp_size, pcp_size = self._get_parallel_sizes()
-        cluster.connect(key, self.parallel_config.ray_runtime_env)
+        cluster.connect(key, self.parallel_config.ray_runtime_env, units=self.world_size)
         self._warn_on_host_ip_mismatch()
         pg = self.parallel_config.placement_group
         if pg is None:
@@ -113,14 +121,20 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         self.worker_pids = [p[3] for p in placements]  # fault-injection tests use these
 
         init_method = ray.get(self.ray_worker_handles[0].actor.create_dist_init_method.remote())
+        worker_env = [{"VLLM_HOST_IP": address} for _, address, *_ in placements]
+        if self.world_size > 1:  # MLX ring peers: each rank's Ray address + a free port there
+            ports = ray.get([h.actor.reserve_port.remote() for h in self.ray_worker_handles])
+            hosts = json.dumps([f"{p[1]}:{port}" for p, port in zip(placements, ports)])
+            for env in worker_env:
+                env[parallel.HOSTS_ENV] = hosts
         per_node = defaultdict(int)
         for node_id, *_ in placements:
             per_node[node_id] += 1
         ray.get([
             h.actor.initialize_worker.remote(
-                h.local_rank, {"VLLM_HOST_IP": address}, init_method, self.driver_env_vars,
+                h.local_rank, env, init_method, self.driver_env_vars,
                 assigned_physical_gpu_ids=list(range(per_node[node_id])))
-            for h, (node_id, address, *_) in zip(self.ray_worker_handles, placements)
+            for h, env, (node_id, *_) in zip(self.ray_worker_handles, worker_env, placements)
         ])
 
         results = ray.get([h.actor.wait_for_init.remote() for h in self.ray_worker_handles])

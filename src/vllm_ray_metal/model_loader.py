@@ -68,12 +68,24 @@ def check_model_dir(model: str) -> dict[str, Any]:
     return config
 
 
-def load(model: str, dtype: str | None = None) -> nn.Module:
-    """Load weights with mlx-lm; cast floating-point weights to ``dtype`` if given."""
+def model_module(model: str):
+    """The mlx-lm module that defines this checkpoint's Model class."""
+    config = check_model_dir(model)
+    return importlib.import_module(f"mlx_lm.models.{mlx_module_name(config['model_type'])}")
+
+
+def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
+    """Load weights with mlx-lm; shard over ``group`` (tensor parallel) and cast to ``dtype``.
+
+    With a group the checkpoint is opened lazily and sharded before anything is read, so
+    each rank materialises only its own slice of the weights.
+    """
     from mlx_lm.utils import load_model
 
     check_model_dir(model)
-    mlx_model, _ = load_model(Path(model))
+    mlx_model, _ = load_model(Path(model), lazy=group is not None)
+    if group is not None:
+        mlx_model.shard(group)
     if dtype is not None:
         mlx_model.set_dtype(_DTYPES[dtype])  # floating arrays only; packed weights keep theirs
     mx.eval(mlx_model.parameters())
@@ -90,7 +102,9 @@ def compute_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     return model.model.embed_tokens.as_linear(hidden)
 
 
-def parameter_bytes(model: nn.Module) -> int:
+def parameter_bytes(module) -> int:
+    """Bytes of the arrays held by a module (or a list of modules)."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    params = [m.parameters() for m in module] if isinstance(module, list) else module.parameters()
+    return sum(v.nbytes for _, v in tree_flatten(params))

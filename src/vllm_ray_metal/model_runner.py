@@ -59,8 +59,9 @@ class _Row:
 
 
 class MLXModelRunner:
-    def __init__(self, vllm_config) -> None:
+    def __init__(self, vllm_config, group=None) -> None:
         self.vllm_config = vllm_config
+        self.group = group  # MLX group for tensor parallelism (None: one rank)
         self.model_config = vllm_config.model_config
         self.cache_config = vllm_config.cache_config
         self.block_size = vllm_config.cache_config.block_size
@@ -75,8 +76,9 @@ class MLXModelRunner:
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
         dtype_name = str(self.model_config.dtype).removeprefix("torch.")
-        self.model = model_loader.load(self.model_config.model, dtype_name)
+        self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
         self.weight_bytes = model_loader.parameter_bytes(self.model)
+        self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",
                     self.model_config.model, self.weight_bytes / 2**20)
 

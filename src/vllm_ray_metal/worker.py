@@ -15,7 +15,7 @@ import psutil
 import torch
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_ray_metal import compat
+from vllm_ray_metal import compat, parallel
 from vllm_ray_metal.model_runner import MLXModelRunner
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -40,7 +40,9 @@ class MLXWorker(WorkerBase):
         self.memory_at_start = mlx_device_memory()
         seed = self.model_config.seed
         mx.random.seed(seed if seed is not None else 0)
-        self.model_runner = MLXModelRunner(self.vllm_config)
+        world_size = self.parallel_config.world_size
+        self.group = parallel.init_group(self.rank, world_size)
+        self.model_runner = MLXModelRunner(self.vllm_config, self.group)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
@@ -52,8 +54,12 @@ class MLXWorker(WorkerBase):
 
     def node_info(self) -> dict:
         """Where this worker runs (for `collective_rpc("node_info")`, tests, debugging)."""
+        runner = self.model_runner
         return {"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid(),
-                "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device())}
+                "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device()),
+                "weight_bytes": getattr(runner, "weight_bytes", None),
+                "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
+                "group_size": self.group.size() if self.group is not None else 1}
 
     def get_model_inspection(self) -> str:
         return repr(self.model_runner.model)  # mlx.nn.Module prints its own module tree
