@@ -34,7 +34,7 @@ def run_scenario(c: LocalRayCluster, backend: str, env: dict | None = None,
                          capture_output=True, text=True, timeout=timeout, env=full_env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"scenario printed no result:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):]), out.stderr
+    return json.loads(lines[-1][len("RESULT "):]), out.stdout + out.stderr  # vLLM logs to stdout
 
 
 @pytest.fixture(scope="module")
