@@ -50,73 +50,83 @@ class LocalRayCluster:
         self.env = env or {}  # extra environment for the raylets (and so their workers)
         self.temp_dir = tempfile.mkdtemp(prefix="vrm-ray-")
         self.head_ip = self.nodes[0].ip
-        self.port = free_port(self.head_ip)
+        self._ports: set[int] = set()
+        self.port = self._port(self.head_ip)
         self.address = f"{self.head_ip}:{self.port}"
+
+    def _port(self, ip: str = "127.0.0.1") -> int:
+        """A free port not yet handed to another node of this cluster."""
+        while (port := free_port(ip)) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
 
     def _start_node(self, node: RayNode, head: bool) -> None:
         cmd = [RAY, "start", "--block", f"--node-ip-address={node.ip}",
                f"--num-cpus={node.num_cpus}", f"--resources={json.dumps(node.resources)}",
                "--disable-usage-stats",
-               f"--dashboard-agent-listen-port={free_port()}",
-               f"--dashboard-agent-grpc-port={free_port()}",
-               f"--metrics-export-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}"]
+               f"--dashboard-agent-listen-port={self._port()}",
+               f"--dashboard-agent-grpc-port={self._port()}",
+               f"--metrics-export-port={self._port()}",
+               f"--runtime-env-agent-port={self._port()}"]
         if head:
             cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+                    "--include-dashboard=false", f"--ray-client-server-port={self._port()}"]
         else:
             cmd += [f"--address={self.address}"]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.env}
         env.pop("RAY_ADDRESS", None)
-        node.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+        log = open(self._log(node), "w")
+        with log:  # the child keeps its own descriptor
+            node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
 
-    def start(self, timeout: float = 90) -> "LocalRayCluster":
+    def start(self, timeout: float = 120) -> "LocalRayCluster":
+        """Head first, then one joining node at a time (2 cores: parallel joins time out)."""
         self._start_node(self.nodes[0], head=True)
-        self._wait_port(timeout)
+        self._wait_started(self.nodes[0], timeout)
         for node in self.nodes[1:]:
             self._start_node(node, head=False)
-        self.wait_alive(len(self.nodes), timeout)
+            self._wait_started(node, timeout)
+        self._record_pids()
         return self
 
-    def add_node(self, ip: str, resources: dict[str, float], timeout: float = 90) -> RayNode:
+    def add_node(self, ip: str, resources: dict[str, float], timeout: float = 120) -> RayNode:
         node = RayNode(ip, resources, self.nodes[0].num_cpus)
         self.nodes.append(node)
         self._start_node(node, head=False)
-        self.wait_alive(sum(n.alive() for n in self.nodes), timeout)
+        self._wait_started(node, timeout)
+        self._record_pids()
         return node
 
-    def _wait_port(self, timeout: float) -> None:
+    def _log(self, node: RayNode) -> str:
+        return os.path.join(self.temp_dir, f"node-{node.ip}.log")
+
+    def _wait_started(self, node: RayNode, timeout: float, retries: int = 2) -> None:
+        """Wait for `ray start` to report the node up; restart it if start-up failed."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            try:
-                socket.create_connection((self.head_ip, self.port), timeout=1).close()
-                return
-            except OSError:
-                if not self.nodes[0].alive():
-                    raise RuntimeError("ray head exited during start")
-                time.sleep(0.3)
-        raise TimeoutError(f"Ray head {self.address} did not open its port")
+            with open(self._log(node)) as f:
+                if "Ray runtime started" in f.read():
+                    return
+            if node.proc.poll() is not None:  # e.g. "node timed out during startup"
+                self._kill_group(node)
+                if retries == 0:
+                    break
+                retries -= 1
+                print(f"ray node {node.ip} exited with {node.proc.returncode}; restarting",
+                      file=sys.stderr)
+                self._start_node(node, head=node is self.nodes[0])
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray node {node.ip} did not start; see {self._log(node)}")
 
-    def alive_count(self) -> int:
-        probe = ("import ray,sys; ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], "
-                 "logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))")
-        out = subprocess.run([sys.executable, "-c", probe, self.address, self.head_ip],
-                             capture_output=True, text=True, timeout=60,
-                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    @staticmethod
+    def _kill_group(node: RayNode) -> None:
+        """Kill what a failed `ray start` left behind: its own process group."""
         try:
-            return int(out.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
-            return 0
-
-    def wait_alive(self, count: int, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.alive_count() >= count:
-                self._record_pids()
-                return
-            time.sleep(1)
-        raise TimeoutError(f"{count} Ray nodes did not come up at {self.address}")
+            os.killpg(node.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _record_pids(self) -> None:
         for node in self.nodes:
@@ -139,6 +149,7 @@ class LocalRayCluster:
                 time.sleep(0.2)
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+        self._kill_group(node)  # anything else still in the node's own process group
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

@@ -90,3 +90,6 @@ def test_too_few_units_message_names_counts_and_command():
     assert "1 unit(s) of 'METAL'" in msg and "10.0.0.2" in msg and "DEAD" in msg
     assert "--units 1" in msg
     cluster.check_capacity("METAL", 1, nodes)  # one alive unit is enough for one worker
+    import ray
+
+    assert not ray.is_initialized()  # building the message must not start a local Ray

@@ -22,8 +22,9 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def four_units():
-    nodes = [("127.0.0.2", {})] + [(f"127.0.0.{i}", {"METAL": 1}) for i in (3, 4, 5, 6)]
-    with LocalRayCluster(nodes) as c:
+    # four raylets, one METAL unit each (the head too): every rank gets its own address
+    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (2, 3, 4, 5)]
+    with LocalRayCluster(nodes).start(timeout=240) as c:
         yield c
 
 

@@ -67,10 +67,9 @@ def list_nodes() -> list[NodeInfo]:
 def gcs_address() -> str:
     import ray
 
-    try:
-        return ray.get_runtime_context().gcs_address
-    except Exception:  # not connected
+    if not ray.is_initialized():  # (get_runtime_context() would start a local Ray)
         return "<head-address>:6379"
+    return ray.get_runtime_context().gcs_address
 
 
 def fix_command(key: str, missing: int) -> str:
