@@ -6,13 +6,11 @@ caller's process, so users get one clear message instead of a crash inside a wor
 
 from __future__ import annotations
 
-import logging
 import os
 
 from vllm_ray_metal import model_loader
 from vllm_ray_metal.platform import WORKER_QUALNAME
 
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 DEFAULT_BLOCK_SIZE = 16
 AUTO_RAY_ENV = "VLLM_RAY_METAL_AUTO_RAY"

@@ -10,14 +10,12 @@ settings MLX workers cannot honour, at configuration time with a message naming 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 DISABLE_ENV = "VLLM_RAY_METAL_DISABLE"
 RAY_KEY_ENV = "VLLM_RAY_METAL_RAY_KEY"

@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts (tiny sizes) so they cannot rot. Not timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_smoke(script: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path.name.endswith(".smoke.json") and path.with_suffix(".png").is_file()
+    return json.loads(path.read_text())
+
+
+def test_throughput_smoke():
+    data = run_smoke("bench_throughput.py")
+    for system in ("ours", "mlx-lm"):
+        rates = data["results"][system]["tok_s"]
+        assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())
+    assert data["rows"][0]["id"] == "P1"
+
+
+def test_startup_smoke():
+    data = run_smoke("bench_startup.py")
+    assert data["results"]["ours"]["ready_s"][0] > 0
+    assert data["results"]["unplaceable"]["errors"][0].startswith("PlacementError")
+    assert data["rows"][-1]["id"] == "P5"
