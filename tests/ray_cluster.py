@@ -76,7 +76,7 @@ class LocalRayCluster:
             cmd += [f"--address={self.address}"]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.env}
         env.pop("RAY_ADDRESS", None)
-        log = open(self._log(node), "w")
+        log = open(self._log(node), "a")
         with log:  # the child keeps its own descriptor
             node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -105,18 +105,21 @@ class LocalRayCluster:
     def _wait_started(self, node: RayNode, timeout: float, retries: int = 2) -> None:
         """Wait for `ray start` to report the node up; restart it if start-up failed."""
         deadline = time.time() + timeout
+        attempt = 0
         while time.time() < deadline:
             with open(self._log(node)) as f:
-                if "Ray runtime started" in f.read():
+                if f.read().count("Ray runtime started") > attempt:
                     return
             if node.proc.poll() is not None:  # e.g. "node timed out during startup"
                 self._kill_group(node)
-                if retries == 0:
+                if retries == 0 or node is self.nodes[0]:  # a head's port may still be held
                     break
+                attempt += 1
                 retries -= 1
                 print(f"ray node {node.ip} exited with {node.proc.returncode}; restarting",
                       file=sys.stderr)
-                self._start_node(node, head=node is self.nodes[0])
+                time.sleep(2)
+                self._start_node(node, head=False)
             time.sleep(0.5)
         raise TimeoutError(f"Ray node {node.ip} did not start; see {self._log(node)}")
 

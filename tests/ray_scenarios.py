@@ -30,6 +30,46 @@ def backend_from(name: str):
     return name  # "ray" or a qualname string
 
 
+def kill_mid_generation(llm, result: dict, make_llm) -> None:
+    """Kill the last worker by pid while a long generation runs; then try a fresh LLM."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+    from vllm import SamplingParams
+
+    victim = llm.collective_rpc("node_info")[-1]["pid"]
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(3)
+        os.kill(victim, signal.SIGKILL)
+        killed_at.append(time.perf_counter())
+
+    threading.Thread(target=kill, daemon=True).start()
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    try:
+        llm.generate(["Count to a thousand."] * 4, params, use_tqdm=False)
+        result["fault"] = "no error"
+    except Exception as exc:
+        result["fault"] = f"{type(exc).__name__}: {exc}"
+        result["time_to_error_s"] = time.perf_counter() - killed_at[0]
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    time.sleep(2)
+    result["victim_gone"] = not psutil.pid_exists(victim) or \
+        psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    fresh = make_llm()  # the same cluster must serve a new LLM afterwards
+    outs = fresh.chat([[{"role": "user", "content": "What is the capital of France?"}]],
+                      SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    result["text"] = outs[0].outputs[0].text
+    result["workers"] = fresh.collective_rpc("node_info")
+    fresh.llm_engine.engine_core.shutdown()
+
+
 def main() -> None:
     scenario, address, node_ip = sys.argv[1:4]
     backend = sys.argv[4] if len(sys.argv) > 4 else "class"
@@ -50,6 +90,10 @@ def main() -> None:
             kwargs["distributed_executor_backend"] = chosen
         llm = LLM(**kwargs)
         result["ready_s"] = time.perf_counter() - started
+        if scenario == "kill":
+            kill_mid_generation(llm, result, lambda: LLM(**kwargs))
+            print("RESULT " + json.dumps(result), flush=True)
+            return
         if "prompts" in opts:
             from vllm.inputs import TokensPrompt
 

@@ -72,3 +72,9 @@ def test_engine_core_cleanup_symbol():
     compat.guard_accelerator_cleanup()  # idempotent
     assert "shutdown_ray" in inspect.signature(core.cleanup_dist_env_and_memory).parameters \
         or getattr(core.cleanup_dist_env_and_memory, "_vllm_ray_metal_guard", False)
+
+
+def test_vllm_cli_entry_point():
+    from vllm.entrypoints.cli.main import main
+
+    assert callable(main)

