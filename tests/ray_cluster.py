@@ -159,7 +159,7 @@ class LocalRayCluster:
             self.stop_node(node)
 
     def __enter__(self) -> "LocalRayCluster":
-        return self.start()
+        return self if self.nodes[0].proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

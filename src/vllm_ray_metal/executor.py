@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import threading
+import time
 import weakref
 from collections import defaultdict, deque
 from typing import Any
@@ -61,6 +62,39 @@ class MetalRayWorkerProc(_V["RayWorkerProc"]):
         with socket.socket() as s:
             s.bind((ray.util.get_node_ip_address(), 0))
             return s.getsockname()[1]
+
+
+class _WatchedQueue:
+    """A worker's response queue whose blocking read stops once the executor has failed.
+
+    Upstream waits on a dead worker's queue for the whole execute timeout (300 s); the
+    worker monitor marks the executor failed within seconds, and this makes the pending
+    read see it, so ``LLM.generate`` raises promptly instead of hanging.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, queue, executor: "RayMetalExecutor") -> None:
+        self._queue = queue
+        self._executor = weakref.ref(executor)
+
+    def dequeue(self, timeout: float | None = None, indefinite: bool = False):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            executor = self._executor()
+            if executor is None or executor.is_failed or executor.shutting_down:
+                raise RuntimeError("An MLX worker died or the executor shut down; see the "
+                                   "log above for the worker that failed.")
+            step = self.POLL_S if deadline is None else \
+                max(0.0, min(self.POLL_S, deadline - time.monotonic()))
+            try:
+                return self._queue.dequeue(timeout=step)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._queue, name)
 
 
 class RayMetalExecutor(_V["RayExecutorV2"]):
@@ -142,7 +176,8 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         for rank, result in enumerate(results):
             if result["status"] != MetalRayWorkerProc.READY_STR:
                 raise RuntimeError(f"MLX worker rank {rank} failed to initialize: {result}")
-            self.response_mqs.append(_V["MessageQueue"].create_from_handle(result["handle"], 0))
+            queue = _V["MessageQueue"].create_from_handle(result["handle"], 0)
+            self.response_mqs.append(_WatchedQueue(queue, self))
         for handle in self.ray_worker_handles:
             handle.run()  # workers subscribe inside run(); start before the barrier
         self.rpc_broadcast_mq.wait_until_ready()
