@@ -78,3 +78,18 @@ def test_vllm_cli_entry_point():
     from vllm.entrypoints.cli.main import main
 
     assert callable(main)
+
+
+def test_ray_executor_base_methods():
+    """RayMetalExecutor._init_executor relies on these RayExecutorV2/MultiprocExecutor parts."""
+    syms = compat.ray_executor_symbols()
+    base = syms["RayExecutorV2"]
+    for name in ("_get_parallel_sizes", "_build_runtime_env", "_is_driver_worker",
+                 "_post_init_executor", "start_worker_monitor", "_get_output_rank", "shutdown"):
+        assert callable(getattr(base, name)), name
+    proc = syms["RayWorkerProc"]
+    for name in ("create_dist_init_method", "initialize_worker", "wait_for_init", "run",
+                 "get_node_and_physical_gpu_ids"):
+        assert callable(getattr(proc, name)), name
+    fields = getattr(syms["RayWorkerHandle"], "__dataclass_fields__")
+    assert {"actor", "rank", "local_rank", "node_id", "bundle_id_idx"} <= set(fields)

@@ -92,7 +92,10 @@ def guard_accelerator_cleanup() -> None:
 # ---- Ray executor touch-points (vllm/v1/executor/ray_executor_v2.py and friends) ----
 # RayExecutorV2._init_executor hard-codes `ray.remote(RayWorkerProc)` and
 # `initialize_ray_cluster(...)` (which waits up to 1800 s for the placement group).
-# RayMetalExecutor therefore re-implements _init_executor from these upstream pieces;
+# RayMetalExecutor therefore re-implements _init_executor from these upstream pieces
+# and these inherited methods: _get_parallel_sizes, _build_runtime_env, _is_driver_worker,
+# _post_init_executor, start_worker_monitor, _get_output_rank, shutdown (checked by
+# tests/test_compat.py::test_ray_executor_base_methods);
 # patches/ proposes hooks (`worker_proc_cls`, `_create_placement_group`) that would
 # let it override two methods instead.
 def ray_executor_symbols() -> dict[str, Any]:
