@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 PLACEMENT_TIMEOUT_ENV = "VLLM_RAY_METAL_PLACEMENT_TIMEOUT"
+DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"  # the caller's Ray node (config.py)
 DEFAULT_PLACEMENT_TIMEOUT = 60.0
 
 
@@ -114,7 +115,7 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    node_ip = os.environ.get("VLLM_RAY_METAL_DRIVER_NODE_IP")  # set by config.py
+    node_ip = os.environ.get(DRIVER_NODE_IP_ENV)
     extra = {"_node_ip_address": node_ip} if node_ip else {}
     try:
         ray.init(address=address or "auto", runtime_env=runtime_env, **extra)

@@ -14,7 +14,6 @@ from vllm_ray_metal.platform import WORKER_QUALNAME
 
 DEFAULT_BLOCK_SIZE = 16
 AUTO_RAY_ENV = "VLLM_RAY_METAL_AUTO_RAY"
-DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"
 EXECUTOR_QUALNAMES = {"vllm_ray_metal.RayMetalExecutor",
                       "vllm_ray_metal.executor.RayMetalExecutor"}
 
@@ -131,8 +130,9 @@ def _export_ray_address(world_size: int) -> None:
             "The Ray executor needs Ray: pip install 'ray==2.60.0'.") from None
     if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        os.environ[DRIVER_NODE_IP_ENV] = ray.util.get_node_ip_address()
         from vllm_ray_metal import cluster
+
+        os.environ[cluster.DRIVER_NODE_IP_ENV] = ray.util.get_node_ip_address()
         from vllm_ray_metal.platform import ray_resource_key
 
         cluster.check_capacity(ray_resource_key(), world_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
@@ -125,7 +124,3 @@ class MLXPlatform(Platform):
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
         return False
-
-    @classmethod
-    def is_macos(cls) -> bool:
-        return sys.platform == "darwin"
