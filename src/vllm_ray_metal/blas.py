@@ -1,43 +1,97 @@
-"""Give MLX's Linux CPU backend a real BLAS.
+"""Give MLX's Linux CPU backend a real BLAS, with an explicit thread count.
 
 The Linux ``mlx[cpu]`` wheel resolves ``cblas_sgemm`` dynamically and ships a reference
-BLAS (~3.6 GFLOP/s for a 1024² fp32 matmul here). Loading an optimised OpenBLAS into the
-global symbol scope *before* ``mlx.core`` is imported makes MLX bind to it instead
-(~25-130 GFLOP/s on the same machine). The package imports this first; set
-``VLLM_RAY_METAL_BLAS=none`` to keep MLX's own, or a path to choose a library. macOS
-uses Accelerate through Metal/MLX's own build, so this does nothing there.
+BLAS (~3.6 GFLOP/s for a 1024² fp32 matmul here). Loading an optimised library into the
+global symbol scope *before* ``mlx.core`` is imported makes MLX bind to it instead. In
+order of preference:
+
+* Intel MKL from this Python environment (the ``mkl`` wheel, installed by the project's
+  recipe on x86_64 Linux): about half the CPU time of OpenBLAS 0.3.21 for the small-M
+  matrix products of batched decoding (``benchmarks/BENCHMARKS.md``);
+* Debian's / Fedora's pthreads OpenBLAS (``apt-get install libopenblas0-pthread``).
+
+``VLLM_RAY_METAL_BLAS=none`` keeps MLX's own, a path chooses a library. Nothing is loaded
+when the platform is switched off (``VLLM_RAY_METAL_DISABLE``), so a stock vLLM process
+keeps its own libraries. macOS uses Accelerate through MLX's own build: nothing to do.
+
+Threads: Ray starts actors with ``OMP_NUM_THREADS=1``, which both libraries obey, so a
+worker would run its matrix products on one core. :func:`set_threads` sets the count
+explicitly (the worker gives each of its node's ranks an equal share of the cores).
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 
 BLAS_ENV = "VLLM_RAY_METAL_BLAS"
-CANDIDATES = (
+THREADS_ENV = "VLLM_RAY_METAL_BLAS_THREADS"
+NODE_RANKS_ENV = "VLLM_RAY_METAL_NODE_RANKS"  # set by the executor: its ranks on this node
+OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",  # Debian/Ubuntu
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib64/libopenblasp.so.0",  # Fedora/RHEL (pthreads build)
 )
 
 loaded: str | None = None
+_lib: ctypes.CDLL | None = None
+
+
+def _mkl_candidates() -> list[str]:
+    """libmkl_rt from the ``mkl`` wheel in this environment (installed into <prefix>/lib)."""
+    return sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so.*")), reverse=True)
+
+
+def _open(path: str) -> ctypes.CDLL:
+    if "libmkl_rt" in os.path.basename(path):
+        # MKL's default (Intel) threading layer dlopen()s libiomp5 by name; load the copy
+        # shipped next to it first so the lookup succeeds without LD_LIBRARY_PATH.
+        iomp = os.path.join(os.path.dirname(path), "libiomp5.so")
+        if os.path.exists(iomp):
+            ctypes.CDLL(iomp, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
 def preload() -> str | None:
-    """Load the first available OpenBLAS with RTLD_GLOBAL; return its path (or None)."""
-    global loaded
+    """Load the preferred BLAS with RTLD_GLOBAL; return its path (or None)."""
+    global loaded, _lib
     if loaded or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return loaded
+    if os.environ.get("VLLM_RAY_METAL_DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return None
     choice = os.environ.get(BLAS_ENV, "").strip()
     if choice.lower() == "none":
         return None
-    for path in ([choice] if choice else CANDIDATES):
+    for path in ([choice] if choice else [*_mkl_candidates(), *OPENBLAS]):
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _lib = _open(path)
             except OSError:
                 continue
             loaded = path
             break
     return loaded
+
+
+def set_threads(count: int) -> bool:
+    """Set the loaded library's thread count; False if no known library is loaded."""
+    if _lib is None or count < 1:
+        return False
+    for name in ("MKL_Set_Num_Threads", "openblas_set_num_threads"):
+        fn = getattr(_lib, name, None)
+        if fn is not None:
+            fn(ctypes.c_int(count))
+            return True
+    return False
+
+
+def default_threads() -> int:
+    """``VLLM_RAY_METAL_BLAS_THREADS``, else this process's cores split among the node's ranks."""
+    ranks_on_node = int(os.environ.get(NODE_RANKS_ENV, "1") or 1)
+    explicit = os.environ.get(THREADS_ENV, "").strip()
+    if explicit:
+        return max(1, int(explicit))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, ranks_on_node))

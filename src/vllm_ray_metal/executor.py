@@ -31,7 +31,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from vllm.platforms import current_platform
 
-from vllm_ray_metal import cluster, compat, parallel
+from vllm_ray_metal import blas, cluster, compat, parallel
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -164,6 +164,8 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         per_node = defaultdict(int)
         for node_id, *_ in placements:
             per_node[node_id] += 1
+        for env, (node_id, *_) in zip(worker_env, placements):
+            env[blas.NODE_RANKS_ENV] = str(per_node[node_id])  # for the BLAS thread share
         ray.get([
             h.actor.initialize_worker.remote(
                 h.local_rank, env, init_method, self.driver_env_vars,

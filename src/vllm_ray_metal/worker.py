@@ -15,7 +15,7 @@ import psutil
 import torch
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_ray_metal import compat, parallel
+from vllm_ray_metal import blas, compat, parallel
 from vllm_ray_metal.model_runner import MLXModelRunner
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -36,6 +36,10 @@ class MLXWorker(WorkerBase):
     def init_device(self) -> None:
         compat.guard_accelerator_cleanup()  # in-process (uni) executors share our process
         mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
+        if not mx.metal.is_available():
+            threads = blas.default_threads()
+            if blas.set_threads(threads):
+                logger.info("MLX CPU backend: %s with %d thread(s)", blas.loaded, threads)
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
         self.memory_at_start = mlx_device_memory()
         seed = self.model_config.seed
