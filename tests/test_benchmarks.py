@@ -32,3 +32,12 @@ def test_startup_smoke():
     assert data["results"]["ours"]["ready_s"][0] > 0
     assert data["results"]["unplaceable"]["errors"][0].startswith("PlacementError")
     assert data["rows"][-1]["id"] == "P5"
+
+
+def test_tp_scaling_smoke():
+    data = run_smoke("bench_tp.py")
+    one, two = data["results"]["tp1"], data["results"]["tp2"]
+    assert one["tok_s"] > 0 and two["tok_s"] > 0
+    assert data["same_tokens"], (one["tokens"], two["tokens"])  # TP=2 decodes what TP=1 does
+    assert len({r["host_ip"] for r in two["ranks"]}) == 2
+    assert data["rows"][0]["id"] == "P3"

@@ -1,0 +1,157 @@
+"""P3: decode throughput with tensor parallelism, TP=2 ÷ TP=1, on a ~1B random-weight llama.
+
+Each rank runs on its own raylet (distinct loopback addresses stand in for two Macs) with
+one BLAS thread (``VLLM_RAY_METAL_BLAS_THREADS=1``), so TP=1 is one core and TP=2 is two:
+the ratio shows what splitting the weights and the MLX ring all-reduces buy.
+
+    python benchmarks/bench_tp.py            # full run: ~1.1B params, fp32 (~4.4 GB)
+    python benchmarks/bench_tp.py --smoke    # seconds: a tiny llama, few tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import common  # noqa: E402
+
+# ~1.1B parameters (TinyLlama-like shape, SmolLM2's 49152-token vocabulary and tokenizer)
+FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4)
+SMOKE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=4)
+NODES = ["127.0.0.92", "127.0.0.93"]
+
+
+def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
+    """A random-weight llama in HF format, written directly as safetensors (no torch)."""
+    if (path / "config.json").is_file():
+        return str(path)
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152,
+               max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+               tie_word_embeddings=True, torch_dtype="float32", bos_token_id=1,
+               eos_token_id=2, hidden_act="silu", **shape)
+    h, inter, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"]
+    head = h // shape["num_attention_heads"]
+    rng = np.random.default_rng(0)
+
+    def w(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims, dtype=np.float32) * 0.02)
+
+    tensors = {"model.embed_tokens.weight": w(49152, h), "model.norm.weight": np.ones(h, np.float32)}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv * head, h),
+            p + "self_attn.v_proj.weight": w(kv * head, h), p + "self_attn.o_proj.weight": w(h, h),
+            p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+            p + "mlp.down_proj.weight": w(h, inter),
+            p + "input_layernorm.weight": np.ones(h, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(h, np.float32)})
+    save_file(tensors, str(path / "model.safetensors"))
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json",):
+            shutil.copy(f, path / f.name)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return str(path)
+
+
+def child(tp: int, address: str, model: str, prompts: int, new_tokens: int,
+          repeats: int) -> dict:
+    """Driver on the cluster: LLM with TP ranks, timed greedy decoding of a batch."""
+    import ray
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_ray_metal import RayMetalExecutor
+
+    ray.init(address=address, logging_level="ERROR")
+    llm = LLM(model=model, tensor_parallel_size=tp, distributed_executor_backend=RayMetalExecutor,
+              max_model_len=512, kv_cache_memory_bytes=256 << 20, dtype="float32")
+    batch = [TokensPrompt(prompt_token_ids=list(range(100 + 7 * i, 132 + 7 * i)))
+             for i in range(prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(batch, params, use_tqdm=False)  # warm-up
+    rates, first = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = llm.generate(batch, params, use_tqdm=False)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+        first = first or [list(o.outputs[0].token_ids) for o in outs]
+    info = llm.collective_rpc("node_info")
+    return {"system": f"tp{tp}", "tok_s": common.median(rates), "runs": rates,
+            "tokens": first, "ranks": [{k: i[k] for k in ("host_ip", "weight_bytes")}
+                                       for i in info]}
+
+
+def run(tp: int, model: str, args) -> dict:
+    from ray_cluster import LocalRayCluster
+
+    # a private loopback cluster: no token auth (Ray 2.60 turns it on for a head node
+    # once ~/.ray/auth_token exists), for the raylets and the driver alike
+    env = {"VLLM_RAY_METAL_BLAS_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    with LocalRayCluster([(ip, {"METAL": 1}) for ip in NODES[:tp]], env=env).start(
+            timeout=240) as c:
+        return common.run_child(__file__, f"tp{tp}", [
+            "--address", c.address, "--model", model, "--prompts", str(args.prompts),
+            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
+            env=env)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--address")
+    ap.add_argument("--model")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.child:
+        common.emit(child(int(args.child[2:]), args.address, args.model, args.prompts,
+                          args.new_tokens, args.repeats))
+        return
+    if args.smoke:
+        args.prompts, args.new_tokens, args.repeats = 2, 4, 1
+    from vllm_ray_metal import default_model
+    from vllm_ray_metal.default_model import cache_root
+
+    name = "bench-llama-tiny" if args.smoke else "bench-llama-1.1b"
+    model = build_model(cache_root() / name, SMOKE if args.smoke else FULL, default_model())
+    results = {}
+    for tp in (1, 2):
+        res = run(tp, model, args)
+        if "error" in res:
+            raise SystemExit(f"TP={tp} failed:\n{res['error']}")
+        results[f"tp{tp}"] = res
+    one, two = results["tp1"], results["tp2"]
+    ratio = two["tok_s"] / one["tok_s"]
+    rows = [{"id": "P3", "measure": f"decode tok/s, TP=2 (two raylets, 1 BLAS thread each) ÷ "
+             f"TP=1 (1 thread); {Path(model).name}, {args.prompts} prompts",
+             "figure": f"{two['tok_s']:.2f} vs {one['tok_s']:.2f} tok/s",
+             "ratio": f"{ratio:.2f}", "target": "≥ 1.6"}]
+    payload = {"results": results, "rows": rows, "same_tokens": one["tokens"] == two["tokens"],
+               "model": dict(SMOKE if args.smoke else FULL)}
+    path = common.save("tp_scaling", payload, args.smoke)
+    common.plot(path.with_suffix(".png"), "Decode throughput vs tensor-parallel ranks",
+                {"ours": ([1, 2], [one["tok_s"], two["tok_s"]])}, "TP ranks (1 core each)",
+                "output tok/s")
+    if not args.smoke:
+        common.write_markdown()
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
