@@ -74,6 +74,8 @@ def test_bad_requests_rejected_fast_while_a_good_one_completes(server):
         t0 = time.perf_counter()
         code, text = post_error(base + "/v1/completions", {**GOOD, **override})
         took = time.perf_counter() - t0
+        print(f"bad request {str(override)[:60]}: "
+              f"HTTP {code} in {took:.3f}s: {text[:160]}")
         assert code == 400, (override, code, text)
         assert all(n in text for n in needles), (override, text)
         assert took < 5, (override, took)

@@ -31,11 +31,11 @@ def combos() -> list[dict]:
     out = []
     for i in range(10):
         text = " ".join(SENTENCES[(i + j) % 4] for j in range(1 + i // 2))
-        out.append({"path": "/v1/completions", "max_tokens": 4 + 2 * i,
+        out.append({"path": "/v1/completions", "max_tokens": 4 + i,
                     "body": {"prompt": f"Story {i}: {text} Then"}})
     for i in range(10):
         context = " ".join(SENTENCES[j % 4] for j in range(i % 3))
-        out.append({"path": "/v1/chat/completions", "max_tokens": 20 - 2 * (i % 8),
+        out.append({"path": "/v1/chat/completions", "max_tokens": 16 - 2 * (i % 6),
                     "body": {"messages": [{"role": "user",
                                            "content": f"{context} {QUESTIONS[i % 5]}".strip()}]}})
     return out
