@@ -127,16 +127,3 @@ def test_ray_not_installed_names_the_fix(model_dir):
     assert "accepted" not in stock and "pip install ray" in stock  # vLLM's own check
     assert float(seconds.split()[1]) < 30
 
-
-def test_serve_binds_loopback_unless_told(monkeypatch, model_dir):
-    """Exposure: our `serve` adds --host 127.0.0.1 when neither --host nor --uds is given."""
-    from vllm_ray_metal import cli, compat
-
-    seen = []
-    monkeypatch.setattr(compat, "run_vllm_cli", seen.append)
-    cli.main(["serve", model_dir, "--port", "8001"])
-    cli.main(["serve", model_dir, "--host", "0.0.0.0"])
-    cli.main(["serve", "--model", model_dir, "--uds", "/tmp/x.sock"])
-    assert seen[0][-2:] == ["--host", "127.0.0.1"]
-    assert seen[1].count("--host") == 1 and "0.0.0.0" in seen[1]
-    assert "--host" not in seen[2]

@@ -71,10 +71,10 @@ class MetalRayWorkerProc(_V["RayWorkerProc"]):
         sock.bind((host, 0))
         sock.listen()
         port = sock.getsockname()[1]
-        self._dist_init_store = TCPStore(
-            host_name=host, port=port, world_size=self._parallel_config.world_size,
-            is_master=True, wait_for_workers=False, multi_tenant=True,
-            master_listen_fd=sock.fileno(), use_libuv=True)
+        self._dist_init_store = TCPStore(  # world_size=None: it never waits for peers
+            host_name=host, port=port, world_size=None, is_master=True,
+            wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.fileno(),
+            use_libuv=True)
         self._dist_init_sock = sock  # the store serves on this socket; keep it open
         return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
