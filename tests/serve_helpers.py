@@ -15,11 +15,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
-from ray_cluster import LocalRayCluster, free_port
+from ray_cluster import LocalRayCluster, free_port, stop_process
 
 
 def vllm_serve_command() -> list[str]:
@@ -134,13 +136,7 @@ class ServeProcess:
     def stop(self) -> None:
         """SIGINT (vLLM's graceful shutdown), then kill what is left of our own pids."""
         self.record_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, signal.SIGINT, timeout=60)
         deadline = time.time() + 15
         while self.alive_pids() and time.time() < deadline:
             time.sleep(0.2)
@@ -152,3 +148,14 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def served(model: str, log: Path, head_ip: str, worker_ip: str, kv_mib: int,
+           *args: str) -> Iterator[ServeProcess]:
+    """A two-node LocalRayCluster (the MLX worker on ``worker_ip``) and a healthy server."""
+    with LocalRayCluster([(head_ip, {}), (worker_ip, {"METAL": 1})]) as cluster:
+        with ServeProcess(cluster, model, log, "--max-model-len", "512",
+                          "--kv-cache-memory-bytes", str(kv_mib << 20), *args) as srv:
+            srv.wait_healthy()
+            yield srv

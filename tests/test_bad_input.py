@@ -26,8 +26,7 @@ import time
 
 import pytest
 
-from ray_cluster import LocalRayCluster
-from serve_helpers import ServeProcess, health, post, post_error, stream
+from serve_helpers import health, post, post_error, served, stream
 
 GOOD = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 24,
         "temperature": 0, "ignore_eos": True}
@@ -47,11 +46,8 @@ BAD_REQUESTS = [
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("bad") / "serve.log"
-    with LocalRayCluster([("127.0.0.56", {}), ("127.0.0.57", {"METAL": 1})]) as c:
-        with ServeProcess(c, model_dir, log, "--max-model-len", "512",
-                          "--kv-cache-memory-bytes", str(32 << 20)) as srv:
-            srv.wait_healthy()
-            yield srv
+    with served(model_dir, log, "127.0.0.56", "127.0.0.57", kv_mib=32) as srv:
+        yield srv
 
 
 def _streamed_text(base: str, out: dict, started: threading.Event) -> None:

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ray_cluster import LocalRayCluster
-from serve_helpers import ServeProcess, post
+from serve_helpers import post, served
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with LocalRayCluster([("127.0.0.22", {}), ("127.0.0.23", {"METAL": 1})]) as c:
-        with ServeProcess(c, model_dir, log, "--max-model-len", "512",
-                          "--kv-cache-memory-bytes", str(64 << 20)) as srv:
-            srv.wait_healthy()
-            yield srv.base, log
+    with served(model_dir, log, "127.0.0.22", "127.0.0.23", kv_mib=64) as srv:
+        yield srv.base, log
 
 
 def test_completions(server):

@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ray_cluster import LocalRayCluster
-from serve_helpers import ServeProcess, metric, post, stream
+from serve_helpers import metric, post, served, stream
 
 N_REQUESTS = 200
 SENTENCES = [
@@ -73,13 +72,10 @@ def run(base: str, combo: dict, streaming: bool) -> dict:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("load") / "serve.log"
-    with LocalRayCluster([("127.0.0.52", {}), ("127.0.0.53", {"METAL": 1})]) as c:
-        # 32 MiB of KV cache is ~720 tokens (45 blocks): above one max_model_len request,
-        # far below what 200 concurrent requests want, so the scheduler has to preempt.
-        with ServeProcess(c, model_dir, log, "--max-model-len", "512",
-                          "--kv-cache-memory-bytes", str(32 << 20)) as srv:
-            srv.wait_healthy()
-            yield srv
+    # 32 MiB of KV cache is ~720 tokens (45 blocks): above one max_model_len request,
+    # far below what 200 concurrent requests want, so the scheduler has to preempt.
+    with served(model_dir, log, "127.0.0.52", "127.0.0.53", kv_mib=32) as srv:
+        yield srv
 
 
 def test_200_concurrent_requests_equal_solo_runs_with_preemption(server):
