@@ -102,10 +102,20 @@ class MLXWorker(WorkerBase):
         return compat.compilation_times()
 
     def execute_model(self, scheduler_output):
-        return self.model_runner.execute_model(scheduler_output)
+        output = self.model_runner.execute_model(scheduler_output)
+        if self.parallel_config.pipeline_parallel_size > 1 and \
+                scheduler_output.total_num_scheduled_tokens > 0:
+            # With PP vLLM's engine runs a batch queue (max_concurrent_batches = PP size)
+            # and collects every step's output with sample_tokens.
+            self._pending_output = output
+            return None
+        return output
 
     def sample_tokens(self, grammar_output):
-        raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
+        if grammar_output is not None:
+            raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
+        output, self._pending_output = getattr(self, "_pending_output", None), None
+        return output
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
