@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) ->
     llm.setdefault("max_num_batched_tokens", STEP_TOKENS)
     opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "llm": llm}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
     out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, "class",
                           json.dumps(opts)], capture_output=True, text=True, timeout=600, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -50,6 +52,8 @@ def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) ->
     res = json.loads(lines[-1][len("RESULT "):])
     assert "error" not in res, res.get("traceback", "") + out.stderr[-3000:]
     assert all(len(o) == NEW_TOKENS for o in res["outputs"])
+    print(f"{Path(model).name} {llm}: ready {res['ready_s']:.1f} s, whole driver "
+          f"{time.perf_counter() - started:.1f} s")
     return res
 
 
@@ -63,6 +67,7 @@ def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
     assert res["outputs"] == tiny_pp1["outputs"]
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
+    assert [w["layers"] for w in workers] == [[0, 3], [3, 5]]
     assert len({w["host_ip"] for w in workers}) == 2  # one stage per raylet address
     # vLLM's split of 5 layers is [3, 2]; each stage holds only its own layers
     full = tiny_pp1["workers"][0]
@@ -81,6 +86,7 @@ def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
     assert res["outputs"] == tiny_pp1["outputs"]
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1, 2, 3]
+    assert [w["layers"] for w in workers] == [[0, 3], [0, 3], [3, 5], [3, 5]]
     assert len({w["host_ip"] for w in workers}) == 4
     per_layer = tiny_pp1["workers"][0]["layer_weight_bytes"] / 5
     assert [w["layer_weight_bytes"] for w in workers] == pytest.approx(

@@ -88,6 +88,12 @@ class MLXModelRunner:
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",
                     self.model_config.model, self.weight_bytes / 2**20)
 
+    def stage_layers(self) -> tuple[int, int]:
+        """[start, end) of the decoder layers this rank runs."""
+        if self.stage is not None:
+            return self.stage.start, self.stage.end
+        return 0, self.model_config.get_total_num_hidden_layers()
+
     def kv_layout(self) -> tuple[int, int, int]:
         """(layers, KV heads, head size) of this worker's share of the model."""
         parallel = self.vllm_config.parallel_config

@@ -59,7 +59,8 @@ class MLXWorker(WorkerBase):
                 "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device()),
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
-                "group_size": self.group.size() if self.group is not None else 1}
+                "group_size": self.group.size() if self.group is not None else 1,
+                "layers": list(runner.stage_layers())}
 
     def get_model_inspection(self) -> str:
         return repr(self.model_runner.model)  # mlx.nn.Module prints its own module tree
