@@ -57,7 +57,7 @@ def test_scheduler_output_fields_the_runner_reads():
     assert {"req_id", "prompt_token_ids", "sampling_params", "block_ids",
             "num_computed_tokens"} <= new
     cached = {f.name for f in dataclasses.fields(CachedRequestData)}
-    assert {"req_ids", "resumed_req_ids", "all_token_ids", "new_block_ids",
+    assert {"req_ids", "resumed_req_ids", "all_token_ids", "new_token_ids", "new_block_ids",
             "num_computed_tokens", "num_output_tokens"} <= cached
     so = {f.name for f in dataclasses.fields(SchedulerOutput)}
     assert {"scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
@@ -93,3 +93,14 @@ def test_ray_executor_base_methods():
         assert callable(getattr(proc, name)), name
     fields = getattr(syms["RayWorkerHandle"], "__dataclass_fields__")
     assert {"actor", "rank", "local_rank", "node_id", "bundle_id_idx"} <= set(fields)
+
+
+def test_pp_layer_range_is_vllms_split():
+    from vllm.distributed.utils import get_pp_indices
+
+    assert compat.pp_layer_range(30, 1, 2) == (15, 30)
+    assert compat.pp_layer_range(5, 0, 2) == tuple(get_pp_indices(5, 0, 2)) == (0, 3)
+    # ModelConfig.get_layers_start_end_indices (KV-cache layer counts) uses the same split
+    from vllm.config import ModelConfig
+
+    assert "get_pp_indices" in inspect.getsource(ModelConfig.get_layers_start_end_indices)

@@ -81,7 +81,7 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("kw, needle", [
-    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size"),
+    ({"pipeline_parallel_size": 2, "async_scheduling": True}, "--async-scheduling"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"enable_lora": True}, "--enable-lora"),
 ])

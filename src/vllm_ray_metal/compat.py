@@ -24,6 +24,16 @@ def full_attention_spec(block_size: int, num_kv_heads: int, head_size: int,
                              head_size=head_size, dtype=dtype)
 
 
+# vllm.distributed.utils.get_pp_indices: the [start, end) layer range of a pipeline stage
+# (honours VLLM_PP_LAYER_PARTITION). vLLM's ModelConfig.get_layers_start_end_indices uses
+# it for the per-rank layer count, so our stages match the KV-cache spec vLLM expects.
+def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    from vllm.distributed.utils import get_pp_indices
+
+    start, end = get_pp_indices(num_layers, pp_rank, pp_size)
+    return int(start), int(end)
+
+
 # vllm.v1.outputs.LogprobsTensors (prompt logprobs travel as torch tensors)
 def logprobs_tensors(ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor) -> Any:
     from vllm.v1.outputs import LogprobsTensors

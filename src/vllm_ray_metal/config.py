@@ -50,19 +50,27 @@ def apply_platform_config(vllm_config) -> None:
     _reject(cache_config.cache_dtype not in ("auto", None),
             f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; MLX workers keep "
             "the KV cache in the model dtype (drop --kv-cache-dtype).")
-    _reject(parallel.pipeline_parallel_size > 1,
-            "pipeline_parallel_size > 1 is not supported yet by vllm-ray-metal; use "
-            "tensor_parallel_size to spread a model over several Macs.")
+    pp = parallel.pipeline_parallel_size
+    # vLLM's V1 runner turns async scheduling off with PP unless asked for explicitly; our
+    # non-last stages need the token ids the scheduler sends only without it.
+    _reject(pp > 1 and bool(scheduler.async_scheduling) and not vllm_config.use_v2_model_runner,
+            "async_scheduling is not supported with pipeline_parallel_size > 1 by "
+            "vllm-ray-metal (later stages learn sampled tokens from the scheduler, which "
+            "sends them only without async scheduling); drop --async-scheduling.")
     _reject(parallel.data_parallel_size > 1,
             "data_parallel_size > 1 is not supported yet by vllm-ray-metal; run one LLM per "
             "replica.")
-    if parallel.tensor_parallel_size > 1 and model_config is not None:
+    if parallel.world_size > 1 and model_config is not None:
         from vllm_ray_metal import parallel as mlx_parallel
+        from vllm_ray_metal import pipeline
 
         try:
-            mlx_parallel.check_tensor_parallel(
-                model_config.hf_config, parallel.tensor_parallel_size,
-                model_loader.model_module(model_config.model))
+            if parallel.tensor_parallel_size > 1:
+                mlx_parallel.check_tensor_parallel(
+                    model_config.hf_config, parallel.tensor_parallel_size,
+                    model_loader.model_module(model_config.model))
+            if pp > 1:
+                pipeline.layer_ranges(model_config.get_total_num_hidden_layers(), pp)
             mlx_parallel.mlx_backend()
         except ValueError as exc:
             raise UnsupportedConfig(str(exc)) from None

@@ -122,7 +122,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
     """Ray executor for MLX workers; select it with ``distributed_executor_backend``."""
 
     uses_ray: bool = True
-    supports_pp: bool = False  # pipeline parallel is not implemented yet (config rejects it)
+    supports_pp: bool = True  # stages over the MLX group (pipeline.py); output: last stage
     worker_proc_cls = MetalRayWorkerProc
 
     def _init_executor(self) -> None:

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import compat, model_loader, sampler
+from vllm_ray_metal import compat, model_loader, pipeline, sampler
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -72,15 +72,27 @@ class MLXModelRunner:
         seed = self.model_config.seed
         self.default_rng = np.random.default_rng(seed if seed is not None else 0)
         self.vocab_size = self.model_config.get_vocab_size()
+        self.stage = pipeline.stage_for(vllm_config)  # None without pipeline parallelism
+        self.samples = self.stage is None or self.stage.is_last  # only the last stage samples
 
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
         dtype_name = str(self.model_config.dtype).removeprefix("torch.")
-        self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
+        if self.stage is not None:
+            self.model = pipeline.load_stage(self.model_config.model, dtype_name, self.group,
+                                             self.stage)
+        else:
+            self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",
                     self.model_config.model, self.weight_bytes / 2**20)
+
+    def stage_layers(self) -> tuple[int, int]:
+        """[start, end) of the decoder layers this rank runs."""
+        if self.stage is not None:
+            return self.stage.start, self.stage.end
+        return 0, self.model_config.get_total_num_hidden_layers()
 
     def kv_layout(self) -> tuple[int, int, int]:
         """(layers, KV heads, head size) of this worker's share of the model."""
@@ -93,7 +105,8 @@ class MLXModelRunner:
         layers, kv_heads, head_size = self.kv_layout()
         spec = compat.full_attention_spec(self.block_size, kv_heads, head_size,
                                           self.model_config.dtype)
-        return {f"model.layers.{i}.self_attn": spec for i in range(layers)}
+        first = self.stage.start if self.stage is not None else 0  # global layer numbers
+        return {f"model.layers.{first + i}.self_attn": spec for i in range(layers)}
 
     def initialize_kv_cache(self, kv_cache_config) -> None:
         layers, kv_heads, head_size = self.kv_layout()
@@ -107,7 +120,9 @@ class MLXModelRunner:
         """One real forward on the null block: loads kernels and BLAS before serving."""
         layout = build_layout([0], [1], [[0]], self.block_size)
         hidden = self.model.model(mx.array([[0]]), cache=self.kv_pool.layer_caches(layout))
-        mx.eval(model_loader.compute_logits(self.model, hidden[:, -1]), self.kv_pool.arrays())
+        if self.samples:
+            hidden = model_loader.compute_logits(self.model, hidden[:, -1])
+        mx.eval(hidden, self.kv_pool.arrays())
 
     # ---- per step ------------------------------------------------------------------
     def _update_states(self, so) -> None:
@@ -135,6 +150,8 @@ class MLXModelRunner:
                 state.output_token_ids = cached.all_token_ids[req_id][len(state.prompt_token_ids):]
             else:
                 del state.output_token_ids[cached.num_output_tokens[i]:]
+            if cached.new_token_ids:  # pipeline parallel: tokens sampled by the last stage
+                pipeline.apply_new_token_ids(state, cached.new_token_ids[i])
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0])
@@ -203,10 +220,10 @@ class MLXModelRunner:
         for group in groups:
             hidden = self._forward(group)
             for b, r in enumerate(group):
-                if r.state.num_prompt_logprobs is not None:
+                if self.samples and r.state.num_prompt_logprobs is not None:
                     self._prompt_logprobs(r, hidden[b], prompt_logprobs)
                 r.state.num_computed_tokens = r.start + r.count
-                if r.start + r.count >= r.state.num_tokens:
+                if self.samples and r.start + r.count >= r.state.num_tokens:
                     to_sample.append(r)
                     last_hidden.append(hidden[b, r.count - 1])
             mx.eval(last_hidden, self.kv_pool.arrays())

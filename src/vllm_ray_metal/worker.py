@@ -63,7 +63,8 @@ class MLXWorker(WorkerBase):
                 "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device()),
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
-                "group_size": self.group.size() if self.group is not None else 1}
+                "group_size": self.group.size() if self.group is not None else 1,
+                "layers": list(runner.stage_layers())}
 
     def get_model_inspection(self) -> str:
         return repr(self.model_runner.model)  # mlx.nn.Module prints its own module tree
@@ -106,10 +107,20 @@ class MLXWorker(WorkerBase):
         return compat.compilation_times()
 
     def execute_model(self, scheduler_output):
-        return self.model_runner.execute_model(scheduler_output)
+        output = self.model_runner.execute_model(scheduler_output)
+        if self.parallel_config.pipeline_parallel_size > 1 and \
+                scheduler_output.total_num_scheduled_tokens > 0:
+            # With PP vLLM's engine runs a batch queue (max_concurrent_batches = PP size)
+            # and collects every step's output with sample_tokens.
+            self._pending_output = output
+            return None
+        return output
 
     def sample_tokens(self, grammar_output):
-        raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
+        if grammar_output is not None:
+            raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
+        output, self._pending_output = getattr(self, "_pending_output", None), None
+        return output
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)

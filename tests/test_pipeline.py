@@ -1,0 +1,120 @@
+"""Pipeline parallelism (and TP x PP) across raylets on distinct loopback addresses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CHAT_PROMPTS, chat_token_ids, tiny_llama
+from ray_cluster import LocalRayCluster
+
+SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
+NEW_TOKENS = 32
+# Small steps: prompts are split into chunks that are in flight in different batches of
+# vLLM's PP batch queue at the same time (the scheduling PP must survive).
+STEP_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def four_units():
+    # four raylets, one METAL unit each (the head too): every rank gets its own address
+    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (62, 63, 64, 65)]
+    with LocalRayCluster(nodes).start(timeout=240) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir, tmp_path_factory):
+    # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-5l", model_dir, layers=5)
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir):
+    return chat_token_ids(model_dir, CHAT_PROMPTS)
+
+
+def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) -> dict:
+    llm.setdefault("max_num_batched_tokens", STEP_TOKENS)
+    opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "llm": llm}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, "class",
+                          json.dumps(opts)], capture_output=True, text=True, timeout=600, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in res, res.get("traceback", "") + out.stderr[-3000:]
+    assert all(len(o) == NEW_TOKENS for o in res["outputs"])
+    print(f"{Path(model).name} {llm}: ready {res['ready_s']:.1f} s, whole driver "
+          f"{time.perf_counter() - started:.1f} s")
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_pp1(four_units, tiny, prompts):
+    return generate(four_units, tiny, prompts)
+
+
+def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
+    res = generate(four_units, tiny, prompts, pipeline_parallel_size=2)
+    assert res["outputs"] == tiny_pp1["outputs"]
+    workers = res["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert [w["layers"] for w in workers] == [[0, 3], [3, 5]]
+    assert len({w["host_ip"] for w in workers}) == 2  # one stage per raylet address
+    # vLLM's split of 5 layers is [3, 2]; each stage holds only its own layers
+    full = tiny_pp1["workers"][0]
+    per_layer = full["layer_weight_bytes"] / 5
+    assert [w["layer_weight_bytes"] for w in workers] == pytest.approx(
+        [3 * per_layer, 2 * per_layer], rel=1e-6)
+    # tied embeddings: on the first stage (input) and the last (output); the final norm
+    # only on the last stage
+    embed = full["weight_bytes"] - full["layer_weight_bytes"]
+    assert sum(w["weight_bytes"] for w in workers) == pytest.approx(
+        full["weight_bytes"] + embed, rel=1e-3)
+
+
+def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
+    res = generate(four_units, tiny, prompts, tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert res["outputs"] == tiny_pp1["outputs"]
+    workers = res["workers"]
+    assert [w["rank"] for w in workers] == [0, 1, 2, 3]
+    assert [w["layers"] for w in workers] == [[0, 3], [0, 3], [3, 5], [3, 5]]
+    assert len({w["host_ip"] for w in workers}) == 4
+    per_layer = tiny_pp1["workers"][0]["layer_weight_bytes"] / 5
+    assert [w["layer_weight_bytes"] for w in workers] == pytest.approx(
+        [1.5 * per_layer] * 2 + [1.0 * per_layer] * 2, rel=0.02)  # 3 and 2 layers, halved
+
+
+def config_error(model: str, **kw) -> str:
+    import time
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    start = time.perf_counter()
+    with pytest.raises(Exception) as info:
+        EngineArgs(model=model, max_model_len=256, **kw).create_engine_config()
+    assert time.perf_counter() - start < 10
+    return str(info.value)
+
+
+def test_more_stages_than_layers_is_rejected(tiny):
+    msg = config_error(tiny, pipeline_parallel_size=6, distributed_executor_backend="ray")
+    assert "pipeline_parallel_size <= 5" in msg
+
+
+def test_stage_layer_ranges_are_vllms():
+    from vllm.distributed.utils import get_pp_indices
+
+    from vllm_ray_metal import pipeline
+
+    for layers, pp in [(5, 2), (30, 4), (7, 3), (4, 4)]:
+        assert pipeline.layer_ranges(layers, pp) == tuple(
+            get_pp_indices(layers, r, pp) for r in range(pp))
