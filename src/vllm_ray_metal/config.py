@@ -53,9 +53,6 @@ def apply_platform_config(vllm_config) -> None:
     _reject(parallel.pipeline_parallel_size > 1,
             "pipeline_parallel_size > 1 is not supported yet by vllm-ray-metal; use "
             "tensor_parallel_size to spread a model over several Macs.")
-    _reject(parallel.data_parallel_size > 1,
-            "data_parallel_size > 1 is not supported yet by vllm-ray-metal; run one LLM per "
-            "replica.")
     if parallel.tensor_parallel_size > 1 and model_config is not None:
         from vllm_ray_metal import parallel as mlx_parallel
 
@@ -68,6 +65,8 @@ def apply_platform_config(vllm_config) -> None:
             raise UnsupportedConfig(str(exc)) from None
 
     select_executor(parallel)
+    if parallel.data_parallel_size > 1:
+        _configure_data_parallel(vllm_config)
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER_QUALNAME
     if not cache_config.user_specified_block_size:
@@ -83,6 +82,20 @@ def apply_platform_config(vllm_config) -> None:
 
     # Metal and MLX state do not survive fork(); vLLM's own processes must be spawned.
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+
+def _configure_data_parallel(vllm_config) -> None:
+    """Replicas are Ray actors (vLLM's Ray DP backend); see data_parallel.py."""
+    from vllm_ray_metal import data_parallel
+    from vllm_ray_metal.platform import ray_resource_key
+
+    _reject(not vllm_config.parallel_config.use_ray,
+            "data_parallel_size > 1 needs the Ray executor: pass "
+            "distributed_executor_backend='ray' (or connect to Ray first).")
+    try:
+        data_parallel.configure(vllm_config, ray_resource_key())
+    except data_parallel.DataParallelError as exc:
+        raise UnsupportedConfig(str(exc)) from None
 
 
 def _ray_in_use() -> bool:
@@ -108,13 +121,16 @@ def select_executor(parallel) -> None:
     auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
     if backend in EXECUTOR_QUALNAMES or (auto and (
             backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
-            backend in ("mp", "uni") and parallel.world_size > 1):
-        # (several ranks need RayMetalExecutor: it builds the MLX group's peer list)
+            backend in ("mp", "uni") and parallel.world_size > 1) or (
+            backend in ("mp", "uni", None) and parallel.data_parallel_size > 1
+            and parallel.data_parallel_backend == "ray"):
+        # (several ranks need RayMetalExecutor: it builds the MLX group's peer list;
+        # Ray DP replicas are Ray actors, and their workers are placed in their groups)
         from vllm_ray_metal.executor import RayMetalExecutor
 
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
-        _export_ray_address(parallel.world_size)
+        _export_ray_address(parallel.world_size * parallel.data_parallel_size)
 
 
 def _export_ray_address(world_size: int) -> None:
