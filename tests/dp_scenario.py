@@ -55,9 +55,11 @@ async def run(opts: dict, result: dict) -> None:
     served: dict[str, int] = {}
     tokens: dict[int, int] = defaultdict(int)
     started = time.perf_counter()
-    args = AsyncEngineArgs(model=opts.get("model") or default_model(), max_model_len=512,
-                           kv_cache_memory_bytes=64 << 20, data_parallel_backend="ray",
-                           distributed_executor_backend="ray", **opts.get("engine", {}))
+    kwargs = dict(model=opts.get("model") or default_model(), max_model_len=512,
+                  kv_cache_memory_bytes=64 << 20, data_parallel_backend="ray",
+                  distributed_executor_backend="ray")
+    kwargs.update(opts.get("engine", {}))
+    args = AsyncEngineArgs(**kwargs)
     engine = AsyncLLM.from_engine_args(args, stat_loggers=[recorder(served, tokens)])
     try:
         result["ready_s"] = time.perf_counter() - started
@@ -82,6 +84,7 @@ async def run(opts: dict, result: dict) -> None:
         result["replicas"] = await compat.dp_collective_rpc(engine, "node_info")
     finally:
         engine.shutdown()
+        del engine  # (its __del__ would run again at interpreter exit, half torn down)
 
 
 def main() -> None:

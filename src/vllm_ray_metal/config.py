@@ -65,7 +65,8 @@ def apply_platform_config(vllm_config) -> None:
             raise UnsupportedConfig(str(exc)) from None
 
     select_executor(parallel)
-    if parallel.data_parallel_size > 1:
+    if parallel.data_parallel_size > 1 or parallel.data_parallel_backend == "ray":
+        # (vLLM launches Ray engine actors for backend "ray" even at data_parallel_size=1)
         _configure_data_parallel(vllm_config)
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER_QUALNAME
@@ -90,7 +91,7 @@ def _configure_data_parallel(vllm_config) -> None:
     from vllm_ray_metal.platform import ray_resource_key
 
     _reject(not vllm_config.parallel_config.use_ray,
-            "data_parallel_size > 1 needs the Ray executor: pass "
+            "data_parallel_backend='ray' needs the Ray executor: pass "
             "distributed_executor_backend='ray' (or connect to Ray first).")
     try:
         data_parallel.configure(vllm_config, ray_resource_key())
@@ -122,8 +123,7 @@ def select_executor(parallel) -> None:
     if backend in EXECUTOR_QUALNAMES or (auto and (
             backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
             backend in ("mp", "uni") and parallel.world_size > 1) or (
-            backend in ("mp", "uni", None) and parallel.data_parallel_size > 1
-            and parallel.data_parallel_backend == "ray"):
+            backend in ("mp", "uni", None) and parallel.data_parallel_backend == "ray"):
         # (several ranks need RayMetalExecutor: it builds the MLX group's peer list;
         # Ray DP replicas are Ray actors, and their workers are placed in their groups)
         from vllm_ray_metal.executor import RayMetalExecutor

@@ -39,12 +39,12 @@ def configure(vllm_config, key: str) -> None:
     parallel = vllm_config.parallel_config
     model_config = vllm_config.model_config
     dp = parallel.data_parallel_size
-    if parallel.data_parallel_backend != "ray":
+    if dp > 1 and parallel.data_parallel_backend != "ray":
         raise DataParallelError(
             f"data_parallel_backend={parallel.data_parallel_backend!r} is not supported by "
             "vllm-ray-metal; use --data-parallel-backend ray (replicas are placed on Ray "
             "nodes that advertise the platform's key).")
-    if model_config is not None and model_config.is_moe:
+    if dp > 1 and model_config is not None and model_config.is_moe:
         raise DataParallelError(
             "data_parallel_size > 1 with a mixture-of-experts model needs DP-synchronised "
             "steps, which MLX workers do not implement; use data_parallel_size=1 (or a "

@@ -1,0 +1,110 @@
+"""Data parallelism (Ray DP backend) across raylets on distinct loopback addresses.
+
+DP=2 and DP=2 x TP=2 must give DP=1's greedy tokens, with both replicas serving requests
+(which replica finished each request comes from vLLM's per-engine stats; where each
+replica's workers run comes from ``node_info`` on every replica).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CHAT_PROMPTS, chat_token_ids, tiny_llama
+from ray_cluster import LocalRayCluster
+
+SCENARIO = Path(__file__).with_name("dp_scenario.py")
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def four_units():
+    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (72, 73, 74, 75)]
+    with LocalRayCluster(nodes).start(timeout=240) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir, tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir):
+    return chat_token_ids(model_dir, CHAT_PROMPTS)
+
+
+def run(c: LocalRayCluster, model: str, prompts: list[list[int]], **engine) -> dict:
+    opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "engine": engine}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(SCENARIO), c.address, c.head_ip,
+                          json.dumps(opts)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def ok(res: dict) -> dict:
+    assert "error" not in res, res.get("traceback", "")
+    return res
+
+
+@pytest.fixture(scope="module")
+def dp1(four_units, tiny, prompts):
+    """The reference: one engine, vLLM's default (non-DP) engine path."""
+    return ok(run(four_units, tiny, prompts, data_parallel_backend="mp"))
+
+
+def assert_both_replicas_served(res: dict, n_prompts: int) -> None:
+    served = res["served_by"]
+    assert sorted(served) == sorted(f"req-{i}" for i in range(n_prompts))
+    assert set(served.values()) == {0, 1}
+    assert set(res["tokens_by_engine"]) == {"0", "1"}
+    assert all(v > 0 for v in res["tokens_by_engine"].values())
+
+
+def test_dp2_equals_dp1_and_both_replicas_serve(four_units, tiny, prompts, dp1):
+    res = ok(run(four_units, tiny, prompts, data_parallel_size=2))
+    assert res["outputs"] == dp1["outputs"]
+    assert all(len(o) == NEW_TOKENS for o in res["outputs"])
+    assert_both_replicas_served(res, len(prompts))
+    replicas = res["replicas"]
+    assert [len(r) for r in replicas] == [1, 1]
+    workers = [w for r in replicas for w in r]
+    assert len({w["pid"] for w in workers}) == 2
+    assert len({w["host_ip"] for w in workers}) == 2  # one replica per raylet
+    assert replicas[0][0]["host_ip"] == four_units.head_ip  # replica 0 on the DP master
+
+
+def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
+    res = ok(run(four_units, tiny, prompts, data_parallel_size=2, tensor_parallel_size=2))
+    assert res["outputs"] == dp1["outputs"]
+    assert_both_replicas_served(res, len(prompts))
+    replicas = res["replicas"]
+    assert [[w["rank"] for w in r] for r in replicas] == [[0, 1], [0, 1]]
+    assert all(w["group_size"] == 2 for r in replicas for w in r)
+    assert len({w["host_ip"] for r in replicas for w in r}) == 4  # every rank on its own node
+    full = dp1["replicas"][0][0]["layer_weight_bytes"]
+    assert all(abs(w["layer_weight_bytes"] - full / 2) / (full / 2) < 0.02
+               for r in replicas for w in r)
+
+
+def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
+    res = run(four_units, tiny, prompts[:1], data_parallel_size=3, tensor_parallel_size=2)
+    assert res["error"].startswith("PlacementError") and res["error_s"] < 30
+    assert "data_parallel_size=3" in res["error"] and "needs 6" in res["error"]
+    assert "127.0.0.75" in res["error"]  # the node table
+
+
+def test_mp_data_parallel_backend_is_rejected(tiny):
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(Exception, match="--data-parallel-backend ray"):
+        EngineArgs(model=tiny, max_model_len=256, data_parallel_size=2,
+                   data_parallel_backend="mp").create_engine_config()
