@@ -91,6 +91,8 @@ def main() -> None:
     address, node_ip, raw = sys.argv[1:4]
     import ray
 
+    import vllm.v1.engine.async_llm  # noqa: F401  (imports are not part of error_s)
+
     ray.init(address=address, _node_ip_address=node_ip, logging_level="ERROR")
     result: dict = {}
     started = time.perf_counter()

@@ -97,7 +97,7 @@ def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
 
 def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     res = run(four_units, tiny, prompts[:1], data_parallel_size=3, tensor_parallel_size=2)
-    assert res["error"].startswith("PlacementError") and res["error_s"] < 30
+    assert res["error"].startswith("PlacementError") and res["error_s"] < 20
     assert "data_parallel_size=3" in res["error"] and "needs 6" in res["error"]
     assert "127.0.0.75" in res["error"]  # the node table
 

@@ -90,9 +90,6 @@ def _configure_data_parallel(vllm_config) -> None:
     from vllm_ray_metal import data_parallel
     from vllm_ray_metal.platform import ray_resource_key
 
-    _reject(not vllm_config.parallel_config.use_ray,
-            "data_parallel_backend='ray' needs the Ray executor: pass "
-            "distributed_executor_backend='ray' (or connect to Ray first).")
     try:
         data_parallel.configure(vllm_config, ray_resource_key())
     except data_parallel.DataParallelError as exc:
@@ -130,7 +127,7 @@ def select_executor(parallel) -> None:
 
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
-        _export_ray_address(parallel.world_size * parallel.data_parallel_size)
+        _export_ray_address(parallel.world_size)  # (data_parallel.py checks DP x world)
 
 
 def _export_ray_address(world_size: int) -> None:

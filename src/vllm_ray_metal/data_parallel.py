@@ -56,6 +56,10 @@ def configure(vllm_config, key: str) -> None:
             "vllm-ray-metal; let one front-end spread requests (internal balancing).")
     if parallel.enable_elastic_ep:
         raise DataParallelError("--enable-elastic-ep is not supported by vllm-ray-metal.")
+    if not parallel.use_ray:
+        raise DataParallelError(
+            "data_parallel_backend='ray' needs the Ray executor: pass "
+            "distributed_executor_backend='ray' (or connect to Ray first).")
 
     import ray
 
