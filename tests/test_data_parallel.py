@@ -108,3 +108,35 @@ def test_mp_data_parallel_backend_is_rejected(tiny):
     with pytest.raises(Exception, match="--data-parallel-backend ray"):
         EngineArgs(model=tiny, max_model_len=256, data_parallel_size=2,
                    data_parallel_backend="mp").create_engine_config()
+
+
+def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | None = None):
+    """(strategy, replicas on the master) chosen for nodes with these METAL units."""
+    from types import SimpleNamespace
+
+    from vllm_ray_metal import cluster, data_parallel
+
+    monkeypatch.delenv(data_parallel.PACK_ENV, raising=False)
+    nodes = [cluster.NodeInfo(f"n{i}", f"10.0.0.{i + 1}", True, i == 0, {"METAL": u})
+             for i, u in enumerate(units)]
+    parallel = SimpleNamespace(data_parallel_size=dp, world_size=world,
+                               data_parallel_master_ip="10.0.0.1",
+                               data_parallel_size_local=dp if local is None else local)
+    data_parallel._choose_packing(parallel, "METAL", nodes)
+    return os.environ.get(data_parallel.PACK_ENV), parallel.data_parallel_size_local
+
+
+def test_packing_follows_the_nodes_units(monkeypatch):
+    from vllm_ray_metal.cluster import PlacementError
+
+    assert packing([1, 1], 2, 1, monkeypatch) == ("fill", 1)  # one replica per Mac
+    assert packing([2], 2, 1, monkeypatch) == ("fill", 2)  # both on one Mac
+    assert packing([4, 2], 3, 2, monkeypatch) == ("fill", 2)
+    assert packing([1, 1, 1, 1], 2, 2, monkeypatch) == ("span", 1)  # DP x TP over Macs
+    assert packing([1, 1], 2, 1, monkeypatch, local=1) == (None, 1)  # the user's choice
+    with pytest.raises(PlacementError, match="needs 6"):
+        packing([1, 1, 1, 1], 3, 2, monkeypatch)
+    with pytest.raises(PlacementError, match="advertises no 'METAL'"):
+        packing([0, 2, 2], 2, 2, monkeypatch)
+    with pytest.raises(PlacementError, match="identical nodes"):
+        packing([1, 2, 2, 1], 2, 3, monkeypatch)
