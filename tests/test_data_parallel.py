@@ -95,6 +95,66 @@ def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
                for r in replicas for w in r)
 
 
+def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_path):
+    """`vllm serve --data-parallel-size 2 --data-parallel-backend ray`: DP=1's tokens over
+    HTTP; vLLM's per-engine Prometheus counters show both replicas finished requests."""
+    import re
+    import signal
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    from ray_cluster import free_port
+    from test_serve import post, vllm_serve_command, wait_healthy
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": four_units.address,
+           "VLLM_RAY_METAL_DRIVER_NODE_IP": four_units.head_ip}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*vllm_serve_command(), tiny, "--host", "127.0.0.1", "--port", str(port),
+             "--served-model-name", "tiny", "--max-model-len", "512",
+             "--kv-cache-memory-bytes", str(64 << 20), "--data-parallel-size", "2",
+             "--data-parallel-backend", "ray"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout=400)
+
+        def complete(ids: list[int]) -> list[int]:
+            res = post(base + "/v1/completions", {
+                "model": "tiny", "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True})
+            return res["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outputs = list(pool.map(complete, prompts))
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+    finally:
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None \
+            else []
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        for child in children:
+            if child.is_running():
+                child.kill()
+    assert outputs == dp1["outputs"]
+    done = {e: float(n) for e, n in re.findall(
+        r'vllm:request_success_total\{engine="(\d)",finished_reason="length"[^}]*\} (\S+)',
+        metrics)}
+    assert set(done) == {"0", "1"} and all(n >= 1 for n in done.values()), done
+    assert sum(done.values()) == len(prompts)
+    text = log.read_text()
+    assert "RayMetalExecutor: 1 MLX worker(s) on" in text
+
+
 def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     res = run(four_units, tiny, prompts[:1], data_parallel_size=3, tensor_parallel_size=2)
     assert res["error"].startswith("PlacementError") and res["error_s"] < 20
@@ -138,5 +198,7 @@ def test_packing_follows_the_nodes_units(monkeypatch):
         packing([1, 1, 1, 1], 3, 2, monkeypatch)
     with pytest.raises(PlacementError, match="advertises no 'METAL'"):
         packing([0, 2, 2], 2, 2, monkeypatch)
+    with pytest.raises(PlacementError, match="only 1 replica"):
+        packing([2, 1, 1], 2, 2, monkeypatch)
     with pytest.raises(PlacementError, match="identical nodes"):
         packing([1, 2, 2, 1], 2, 3, monkeypatch)

@@ -95,6 +95,14 @@ def _choose_packing(parallel, key: str, nodes: list) -> None:
     if os.environ.get(PACK_ENV) or parallel.data_parallel_size_local != dp:
         return  # the user chose; vLLM's own checks apply
     if units[master] >= world:
+        whole = sum(u // world for u in units.values())
+        if whole < dp:
+            raise cluster.PlacementError(
+                f"Cannot place data_parallel_size={dp} replicas of {world} MLX worker(s): "
+                f"only {whole} replica(s) fit whole on single nodes, and a replica spans "
+                f"nodes only when no node can hold one.\nNodes:\n{table}\n"
+                f"Fix: add units where a replica fits ({cluster.fix_command(key, world)}), "
+                f"or set {PACK_ENV}=span with identical nodes.")
         os.environ[PACK_ENV] = "fill"
         parallel.data_parallel_size_local = min(dp, units[master] // world)
     elif len(set(units.values())) == 1 and world % units[master] == 0:
