@@ -170,13 +170,17 @@ def test_mp_data_parallel_backend_is_rejected(tiny):
                    data_parallel_backend="mp").create_engine_config()
 
 
-def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | None = None):
+def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | None = None,
+            keep_env: bool = False):
     """(strategy, replicas on the master) chosen for nodes with these METAL units."""
     from types import SimpleNamespace
 
     from vllm_ray_metal import cluster, data_parallel
 
-    monkeypatch.delenv(data_parallel.PACK_ENV, raising=False)
+    if not keep_env:  # (setenv first, so that teardown also removes what the code sets)
+        for name in (data_parallel.PACK_ENV, data_parallel._OURS):
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
     nodes = [cluster.NodeInfo(f"n{i}", f"10.0.0.{i + 1}", True, i == 0, {"METAL": u})
              for i, u in enumerate(units)]
     parallel = SimpleNamespace(data_parallel_size=dp, world_size=world,
@@ -194,6 +198,11 @@ def test_packing_follows_the_nodes_units(monkeypatch):
     assert packing([4, 2], 3, 2, monkeypatch) == ("fill", 2)
     assert packing([1, 1, 1, 1], 2, 2, monkeypatch) == ("span", 1)  # DP x TP over Macs
     assert packing([1, 1], 2, 1, monkeypatch, local=1) == (None, 1)  # the user's choice
+    # a second engine in the same process re-chooses; a user's strategy is kept
+    assert packing([1, 1, 1, 1], 2, 1, monkeypatch) == ("fill", 1)
+    assert packing([1, 1, 1, 1], 2, 2, monkeypatch, keep_env=True) == ("span", 1)
+    monkeypatch.setenv("VLLM_RAY_DP_PACK_STRATEGY", "strict")
+    assert packing([1, 1], 2, 1, monkeypatch, keep_env=True) == ("strict", 2)
     with pytest.raises(PlacementError, match="needs 6"):
         packing([1, 1, 1, 1], 3, 2, monkeypatch)
     with pytest.raises(PlacementError, match="advertises no 'METAL'"):

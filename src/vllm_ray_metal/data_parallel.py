@@ -28,6 +28,7 @@ from vllm_ray_metal import cluster
 logger = logging.getLogger(f"vllm.{__name__}")
 
 PACK_ENV = "VLLM_RAY_DP_PACK_STRATEGY"  # vllm.envs.VLLM_RAY_DP_PACK_STRATEGY
+_OURS = "VLLM_RAY_METAL_DP_PACK_CHOSEN"  # the value this module set (not the user's)
 
 
 class DataParallelError(ValueError):
@@ -92,7 +93,8 @@ def _choose_packing(parallel, key: str, nodes: list) -> None:
             f"The data-parallel master node {master} (this process's Ray node) advertises "
             f"no {key!r}; vLLM places replica 0 there. Run the front-end on a node with the "
             f"key, or add it: {cluster.fix_command(key, world)}.\nNodes:\n{table}")
-    if os.environ.get(PACK_ENV) or parallel.data_parallel_size_local != dp:
+    chosen = os.environ.get(PACK_ENV)
+    if (chosen and chosen != os.environ.get(_OURS)) or parallel.data_parallel_size_local != dp:
         return  # the user chose; vLLM's own checks apply
     if units[master] >= world:
         whole = sum(u // world for u in units.values())
@@ -114,6 +116,7 @@ def _choose_packing(parallel, key: str, nodes: list) -> None:
             f"advertise different numbers of {key!r} units, so replicas cannot span nodes "
             f"evenly (vLLM's span packing needs identical nodes).\nNodes:\n{table}\n"
             f"Fix: give every node the same --units, or use a smaller tensor_parallel_size.")
+    os.environ[_OURS] = os.environ[PACK_ENV]  # (a later engine in this process re-chooses)
     logger.info("Data parallel: %d replica(s) of %d worker(s); %s=%s, %d on the master "
                 "node %s", dp, world, PACK_ENV, os.environ[PACK_ENV],
                 parallel.data_parallel_size_local, master)
