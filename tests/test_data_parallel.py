@@ -162,12 +162,13 @@ def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     assert "127.0.0.75" in res["error"]  # the node table
 
 
-def test_mp_data_parallel_backend_is_rejected(tiny):
-    from vllm.engine.arg_utils import EngineArgs
-
-    with pytest.raises(Exception, match="--data-parallel-backend ray"):
-        EngineArgs(model=tiny, max_model_len=256, data_parallel_size=2,
-                   data_parallel_backend="mp").create_engine_config()
+def test_mp_backend_dp2_equals_dp1(four_units, tiny, prompts, dp1):
+    """``--data-parallel-backend mp``: engine cores are local processes; each replica's
+    executor places its own workers on the cluster."""
+    res = ok(run(four_units, tiny, prompts, data_parallel_size=2, data_parallel_backend="mp"))
+    assert res["outputs"] == dp1["outputs"]
+    assert_both_replicas_served(res, len(prompts))
+    assert len({w["pid"] for r in res["replicas"] for w in r}) == 2
 
 
 def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | None = None,

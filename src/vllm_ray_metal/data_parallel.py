@@ -16,6 +16,10 @@ workers need nothing new; what needs care happens in the caller's process, here:
   ``--data-parallel-size-local``), replicas fill the master node first, then other
   nodes (``fill``); a replica bigger than any node spans nodes (``span``).
 * Capacity is checked up front with the node table and the fix (see ``cluster.py``).
+
+With ``--data-parallel-backend mp`` the replicas' engine cores are local processes and
+each replica's executor places its own workers; only the capacity is checked here (the
+executor names its actors per replica, which vLLM does only for Ray DP).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def configure(vllm_config, key: str) -> None:
     parallel = vllm_config.parallel_config
     model_config = vllm_config.model_config
     dp = parallel.data_parallel_size
-    if dp > 1 and parallel.data_parallel_backend != "ray":
+    if parallel.data_parallel_backend not in ("ray", "mp"):
         raise DataParallelError(
             f"data_parallel_backend={parallel.data_parallel_backend!r} is not supported by "
             "vllm-ray-metal; use --data-parallel-backend ray (replicas are placed on Ray "
@@ -57,6 +61,9 @@ def configure(vllm_config, key: str) -> None:
             "vllm-ray-metal; let one front-end spread requests (internal balancing).")
     if parallel.enable_elastic_ep:
         raise DataParallelError("--enable-elastic-ep is not supported by vllm-ray-metal.")
+    if parallel.data_parallel_backend == "mp":
+        _check_mp(parallel, key)
+        return
     if not parallel.use_ray:
         raise DataParallelError(
             "data_parallel_backend='ray' needs the Ray executor: pass "
@@ -74,6 +81,20 @@ def configure(vllm_config, key: str) -> None:
         parallel.data_parallel_master_ip = driver_ip
     os.environ[cluster.DRIVER_NODE_IP_ENV] = driver_ip
     _choose_packing(parallel, key, nodes)
+
+
+def _check_mp(parallel, key: str) -> None:
+    """``mp`` backend: replicas' engine cores are processes on this machine.
+
+    Each replica's executor makes its own placement group (workers wherever the key is,
+    with Ray), or runs its worker in-process (without Ray). Only the total is checked.
+    """
+    if not parallel.use_ray:
+        return
+    import ray
+
+    if ray.is_initialized():
+        cluster.check_capacity(key, parallel.data_parallel_size * parallel.world_size)
 
 
 def _choose_packing(parallel, key: str, nodes: list) -> None:
