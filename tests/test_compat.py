@@ -112,6 +112,12 @@ def test_data_parallel_touch_points():
         CoreEngineActorManager.__init__)
     # dense replicas are independent (no DP collectives, no dummy batches)
     assert "reconfigure_for_independent_dp_rank" in inspect.getsource(EngineCoreActor.__init__)
+    # RayMetalExecutor._instance_id: Ray DP suffixes "_dp<rank>"; mp DP does not
+    from vllm.config import ParallelConfig
+    from vllm.v1.engine.utils import _apply_dp_identity_suffix
+
+    assert ParallelConfig().data_parallel_index == 0
+    assert '_dp{dp_rank}"' in inspect.getsource(_apply_dp_identity_suffix)
     assert inspect.iscoroutinefunction(DPLBAsyncMPClient.call_utility_all_async)
     assert "return (await self.call_utility_all_async" in inspect.getsource(
         DPLBAsyncMPClient.call_utility_async)  # (why AsyncLLM.collective_rpc sees one engine)
