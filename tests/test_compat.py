@@ -104,3 +104,31 @@ def test_pp_layer_range_is_vllms_split():
     from vllm.config import ModelConfig
 
     assert "get_pp_indices" in inspect.getsource(ModelConfig.get_layers_start_end_indices)
+
+
+def test_data_parallel_touch_points():
+    """data_parallel.py and compat.dp_collective_rpc rely on these vLLM 0.32 behaviours."""
+    import vllm.envs as envs
+    from vllm.v1.engine.core import EngineCoreActor
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+    from vllm.v1.engine.utils import CoreEngineActorManager
+
+    assert envs.VLLM_RAY_DP_PACK_STRATEGY in ("strict", "fill", "span")
+    placement = inspect.getsource(CoreEngineActorManager.create_dp_placement_groups)
+    for needle in ("current_platform.ray_device_key", '"fill"', '"span"', "dp_size_local",
+                   "_dp_nodes_master_first"):
+        assert needle in placement, needle
+    # the per-replica executor receives its group through parallel_config.placement_group
+    assert "parallel_config.placement_group = pg" in inspect.getsource(
+        CoreEngineActorManager.__init__)
+    # dense replicas are independent (no DP collectives, no dummy batches)
+    assert "reconfigure_for_independent_dp_rank" in inspect.getsource(EngineCoreActor.__init__)
+    # RayMetalExecutor._instance_id: Ray DP suffixes "_dp<rank>"; mp DP does not
+    from vllm.config import ParallelConfig
+    from vllm.v1.engine.utils import _apply_dp_identity_suffix
+
+    assert ParallelConfig().data_parallel_index == 0
+    assert '_dp{dp_rank}"' in inspect.getsource(_apply_dp_identity_suffix)
+    assert inspect.iscoroutinefunction(DPLBAsyncMPClient.call_utility_all_async)
+    assert "return (await self.call_utility_all_async" in inspect.getsource(
+        DPLBAsyncMPClient.call_utility_async)  # (why AsyncLLM.collective_rpc sees one engine)

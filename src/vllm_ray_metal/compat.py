@@ -149,3 +149,14 @@ def run_vllm_cli(argv: list[str]) -> None:
 
     sys.argv = ["vllm", *argv]
     main()
+
+
+# ---- Data parallel (vllm/v1/engine/core_client.py) ----
+# AsyncLLM.collective_rpc answers from the first DP engine only
+# (DPLBAsyncMPClient.call_utility_async returns `results[0]`); the per-engine answers come
+# from MPClient.call_utility_all_async(method, *args), whose "collective_rpc" utility is
+# EngineCore.collective_rpc(method, timeout, args, kwargs). One list per DP replica.
+async def dp_collective_rpc(async_llm: Any, method: str, timeout: float | None = None,
+                            args: tuple = (), kwargs: dict | None = None) -> list[list[Any]]:
+    client = async_llm.engine_core
+    return await client.call_utility_all_async("collective_rpc", method, timeout, args, kwargs)

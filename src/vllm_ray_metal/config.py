@@ -57,9 +57,6 @@ def apply_platform_config(vllm_config) -> None:
             "async_scheduling is not supported with pipeline_parallel_size > 1 by "
             "vllm-ray-metal (later stages learn sampled tokens from the scheduler, which "
             "sends them only without async scheduling); drop --async-scheduling.")
-    _reject(parallel.data_parallel_size > 1,
-            "data_parallel_size > 1 is not supported yet by vllm-ray-metal; run one LLM per "
-            "replica.")
     if parallel.world_size > 1 and model_config is not None:
         from vllm_ray_metal import parallel as mlx_parallel
         from vllm_ray_metal import pipeline
@@ -76,6 +73,9 @@ def apply_platform_config(vllm_config) -> None:
             raise UnsupportedConfig(str(exc)) from None
 
     select_executor(parallel)
+    if parallel.data_parallel_size > 1 or parallel.data_parallel_backend == "ray":
+        # (vLLM launches Ray engine actors for backend "ray" even at data_parallel_size=1)
+        _configure_data_parallel(vllm_config)
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER_QUALNAME
     if not cache_config.user_specified_block_size:
@@ -91,6 +91,17 @@ def apply_platform_config(vllm_config) -> None:
 
     # Metal and MLX state do not survive fork(); vLLM's own processes must be spawned.
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+
+def _configure_data_parallel(vllm_config) -> None:
+    """Replicas are Ray actors (vLLM's Ray DP backend); see data_parallel.py."""
+    from vllm_ray_metal import data_parallel
+    from vllm_ray_metal.platform import ray_resource_key
+
+    try:
+        data_parallel.configure(vllm_config, ray_resource_key())
+    except data_parallel.DataParallelError as exc:
+        raise UnsupportedConfig(str(exc)) from None
 
 
 def _ray_in_use() -> bool:
@@ -116,8 +127,10 @@ def select_executor(parallel) -> None:
     auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
     if backend in EXECUTOR_QUALNAMES or (auto and (
             backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
-            backend in ("mp", "uni") and parallel.world_size > 1):
-        # (several ranks need RayMetalExecutor: it builds the MLX group's peer list)
+            backend in ("mp", "uni") and parallel.world_size > 1) or (
+            backend in ("mp", "uni", None) and parallel.data_parallel_backend == "ray"):
+        # (several ranks need RayMetalExecutor: it builds the MLX group's peer list;
+        # Ray DP replicas are Ray actors, and their workers are placed in their groups)
         try:
             from vllm_ray_metal import RayMetalExecutor
         except ImportError as exc:
@@ -125,7 +138,7 @@ def select_executor(parallel) -> None:
 
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
-        _export_ray_address(parallel.world_size)
+        _export_ray_address(parallel.world_size)  # (data_parallel.py checks DP x world)
 
 
 def _export_ray_address(world_size: int) -> None:

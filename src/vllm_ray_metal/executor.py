@@ -158,8 +158,8 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         self.ray_worker_handles = []
         for rank, (bundle_idx, node_id, _) in enumerate(bundles):
             actor = actor_cls.options(
-                name=_V["build_actor_name"](self.vllm_config.instance_id, rank, tp_size,
-                                            pp_size, pcp_size),
+                name=_V["build_actor_name"](self._instance_id(), rank, tp_size, pp_size,
+                                            pcp_size),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=bundle_idx),
                 **options,
@@ -213,6 +213,12 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         self.output_rank = self._get_output_rank()
         logger.info("RayMetalExecutor: %d MLX worker(s) on %s", self.world_size,
                     ", ".join(sorted(set(self.worker_addresses))))
+
+    def _instance_id(self) -> str:
+        """Unique per DP replica: vLLM suffixes ``_dp<i>`` for Ray DP, not for ``mp`` DP."""
+        instance, index = self.vllm_config.instance_id, self.parallel_config.data_parallel_index
+        return instance if not index or instance.endswith(f"_dp{index}") else \
+            f"{instance}_dp{index}"
 
     def _assign_local_ranks(self, placements: list[tuple], key: str) -> list[str]:
         """Local rank = order among this executor's workers on the same node."""
