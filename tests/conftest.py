@@ -28,6 +28,18 @@ def model_dir() -> str:
     return default_model()
 
 
+@pytest.fixture(scope="session")
+def prompts(model_dir) -> list[list[int]]:
+    """The chat prompts as token ids (shared by the multi-rank equality tests)."""
+    return chat_token_ids(model_dir, CHAT_PROMPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny(model_dir, tmp_path_factory) -> str:
+    """A random llama with 8 heads / 4 KV heads (TP 2 and 4 divide it)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
+
+
 def make_llm(model: str, **kwargs):
     """An LLM on the default model with test-sized memory (KV budget in MiB)."""
     from vllm import LLM

@@ -17,8 +17,9 @@ import asyncio
 import json
 import sys
 import time
-import traceback
 from collections import defaultdict
+
+from ray_scenarios import reporting
 
 
 def recorder(served: dict, tokens: dict):
@@ -95,14 +96,8 @@ def main() -> None:
 
     ray.init(address=address, _node_ip_address=node_ip, logging_level="ERROR")
     result: dict = {}
-    started = time.perf_counter()
-    try:
+    with reporting(result):
         asyncio.run(run(json.loads(raw), result))
-    except Exception as exc:  # the scenario reports; the test decides
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["error_s"] = time.perf_counter() - started
-        result["traceback"] = traceback.format_exc()[-3000:]
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

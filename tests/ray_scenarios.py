@@ -10,10 +10,27 @@ test's Ray connection and engine from leaking into the next.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 import traceback
+
+
+@contextlib.contextmanager
+def reporting(result: dict):
+    """Run a scenario body; an exception becomes ``result["error"]`` (the test decides).
+
+    Yields the start time; prints ``RESULT {json}`` however the body ends.
+    """
+    started = time.perf_counter()
+    try:
+        yield started
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["error_s"] = time.perf_counter() - started
+        result["traceback"] = traceback.format_exc()[-3000:]
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def backend_from(name: str):
@@ -81,8 +98,7 @@ def main() -> None:
 
     ray.init(address=address, _node_ip_address=node_ip, logging_level="ERROR")
     result: dict = {"scenario": scenario}
-    started = time.perf_counter()
-    try:
+    with reporting(result) as started:
         kwargs = dict(model=opts.get("model") or default_model(), max_model_len=512,
                       kv_cache_memory_bytes=64 << 20, **opts.get("llm", {}))
         chosen = backend_from(backend)
@@ -92,7 +108,6 @@ def main() -> None:
         result["ready_s"] = time.perf_counter() - started
         if scenario == "kill":
             kill_mid_generation(llm, result, lambda: LLM(**kwargs))
-            print("RESULT " + json.dumps(result), flush=True)
             return
         if "prompts" in opts:
             from vllm.inputs import TokensPrompt
@@ -109,11 +124,6 @@ def main() -> None:
             result["token_ids"] = list(outs[0].outputs[0].token_ids)
         result["workers"] = llm.collective_rpc("node_info")
         llm.llm_engine.engine_core.shutdown()
-    except Exception as exc:  # the scenario reports; the test decides
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["error_s"] = time.perf_counter() - started
-        result["traceback"] = traceback.format_exc()[-3000:]
-    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_PROMPTS, chat_token_ids, tiny_llama
 from ray_cluster import LocalRayCluster
 
 SCENARIO = Path(__file__).with_name("dp_scenario.py")
@@ -27,16 +26,6 @@ def four_units():
     nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (72, 73, 74, 75)]
     with LocalRayCluster(nodes).start(timeout=240) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir, tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(model_dir):
-    return chat_token_ids(model_dir, CHAT_PROMPTS)
 
 
 def run(c: LocalRayCluster, model: str, prompts: list[list[int]], **engine) -> dict:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import CHAT_PROMPTS, chat_token_ids, tiny_llama
 from ray_cluster import LocalRayCluster
 from test_model_runner import hf_greedy
 
@@ -26,16 +25,6 @@ def four_units():
     nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (12, 13, 14, 15)]
     with LocalRayCluster(nodes).start(timeout=240) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir, tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(model_dir):
-    return chat_token_ids(model_dir, CHAT_PROMPTS)
 
 
 def generate(c: LocalRayCluster, model: str, tp: int, prompts: list[list[int]]) -> dict:

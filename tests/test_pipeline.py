@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_PROMPTS, chat_token_ids, tiny_llama
+from conftest import tiny_llama
 from ray_cluster import LocalRayCluster
 
 SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
@@ -33,11 +33,6 @@ def four_units():
 def tiny(model_dir, tmp_path_factory):
     # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-5l", model_dir, layers=5)
-
-
-@pytest.fixture(scope="module")
-def prompts(model_dir):
-    return chat_token_ids(model_dir, CHAT_PROMPTS)
 
 
 def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) -> dict:
