@@ -132,3 +132,15 @@ def test_data_parallel_touch_points():
     assert inspect.iscoroutinefunction(DPLBAsyncMPClient.call_utility_all_async)
     assert "return (await self.call_utility_all_async" in inspect.getsource(
         DPLBAsyncMPClient.call_utility_async)  # (why AsyncLLM.collective_rpc sees one engine)
+
+
+def test_reader_spin_is_a_spin_condition_setting():
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    assert "busy_loop_s" in inspect.signature(shm_broadcast.SpinCondition.__init__).parameters
+    src = inspect.getsource(shm_broadcast.SpinCondition.wait)
+    assert "self.busy_loop_s" in src and "poller.poll" in src
+    assert "self._spin_condition = SpinCondition(" in inspect.getsource(
+        shm_broadcast.MessageQueue.__init__)
+    # the writer notifies after every write, so a reader that does not spin still wakes
+    assert "self._spin_condition.notify()" in inspect.getsource(shm_broadcast.MessageQueue.enqueue)

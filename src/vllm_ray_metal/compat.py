@@ -34,6 +34,15 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
     return int(start), int(end)
 
 
+# vllm.distributed.device_communicators.shm_broadcast.MessageQueue._spin_condition
+# (a SpinCondition; its busy_loop_s): how long a reader busy-waits (a sched_yield loop)
+# after its last read before it sleeps on the writer's zmq notification. With vLLM's 1 s
+# the engine spins through every step while it waits for the workers' output; on MLX's
+# CPU backend that takes a core from the BLAS threads doing the step.
+def set_reader_spin(queue: Any, seconds: float) -> None:
+    queue._spin_condition.busy_loop_s = seconds
+
+
 # vllm.v1.outputs.LogprobsTensors (prompt logprobs travel as torch tensors)
 def logprobs_tensors(ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor) -> Any:
     from vllm.v1.outputs import LogprobsTensors

@@ -37,6 +37,7 @@ from vllm_ray_metal import blas, cluster, compat, parallel
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 _V = compat.ray_executor_symbols()
+MQ_SPIN_ENV = "VLLM_RAY_METAL_MQ_SPIN_S"
 
 
 class MetalRayWorkerProc(_V["RayWorkerProc"]):
@@ -200,6 +201,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
             if result["status"] != MetalRayWorkerProc.READY_STR:
                 raise RuntimeError(f"MLX worker rank {rank} failed to initialize: {result}")
             queue = _V["MessageQueue"].create_from_handle(result["handle"], 0)
+            compat.set_reader_spin(queue, self.response_spin_s())
             self.response_mqs.append(_WatchedQueue(queue, self))
         for handle in self.ray_worker_handles:
             handle.run()  # workers subscribe inside run(); start before the barrier
@@ -219,6 +221,15 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         instance, index = self.vllm_config.instance_id, self.parallel_config.data_parallel_index
         return instance if not index or instance.endswith(f"_dp{index}") else \
             f"{instance}_dp{index}"
+
+    @staticmethod
+    def response_spin_s() -> float:
+        """Seconds the engine busy-waits for worker output before sleeping on a notification.
+
+        0 by default (vLLM spins for 1 s, which on a CPU backend steals a core from the
+        step it waits for); ``VLLM_RAY_METAL_MQ_SPIN_S`` sets it.
+        """
+        return float(os.environ.get(MQ_SPIN_ENV, "0") or 0)
 
     def _assign_local_ranks(self, placements: list[tuple], key: str) -> list[str]:
         """Local rank = order among this executor's workers on the same node."""
