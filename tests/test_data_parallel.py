@@ -88,52 +88,28 @@ def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_pat
     """`vllm serve --data-parallel-size 2 --data-parallel-backend ray`: DP=1's tokens over
     HTTP; vLLM's per-engine Prometheus counters show both replicas finished requests."""
     import re
-    import signal
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    import psutil
+    from serve_helpers import ServeProcess, post
 
-    from ray_cluster import free_port
-    from test_serve import post, vllm_serve_command, wait_healthy
-
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": four_units.address,
-           "VLLM_RAY_METAL_DRIVER_NODE_IP": four_units.head_ip}
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*vllm_serve_command(), tiny, "--host", "127.0.0.1", "--port", str(port),
-             "--served-model-name", "tiny", "--max-model-len", "512",
-             "--kv-cache-memory-bytes", str(64 << 20), "--data-parallel-size", "2",
-             "--data-parallel-backend", "ray"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, timeout=400)
+    with ServeProcess(four_units, tiny, log, "--max-model-len", "512",
+                      "--kv-cache-memory-bytes", str(64 << 20), "--data-parallel-size", "2",
+                      "--data-parallel-backend", "ray") as srv:
+        srv.wait_healthy(timeout=400)
 
         def complete(ids: list[int]) -> list[int]:
-            res = post(base + "/v1/completions", {
-                "model": "tiny", "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
+            res = post(srv.base + "/v1/completions", {
+                "model": "smollm2", "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True})
             return res["choices"][0]["token_ids"]
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             outputs = list(pool.map(complete, prompts))
-        with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
+        with urllib.request.urlopen(srv.base + "/metrics", timeout=30) as resp:
             metrics = resp.read().decode()
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None \
-            else []
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        for child in children:
-            if child.is_running():
-                child.kill()
+    assert not srv.alive_pids()
     assert outputs == dp1["outputs"]
     done = {e: float(n) for e, n in re.findall(
         r'vllm:request_success_total\{engine="(\d)",finished_reason="length"[^}]*\} (\S+)',

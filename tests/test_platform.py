@@ -84,6 +84,8 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
     ({"pipeline_parallel_size": 2, "async_scheduling": True}, "--async-scheduling"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"enable_lora": True}, "--enable-lora"),
+    ({"tensor_parallel_size": 3, "decode_context_parallel_size": 3},
+     "--decode-context-parallel-size"),
 ])
 def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
     msg, took = make_config_error(model_dir, max_model_len=512, **kw)

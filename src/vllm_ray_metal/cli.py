@@ -158,9 +158,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     vllm_args = list(args.vllm_args)
-    if not any(a in ("--host", "--uds") or a.startswith(("--host=", "--uds="))
-               for a in vllm_args):
-        # vLLM's default binds every interface; ask for that explicitly (--host 0.0.0.0)
+    if not any(a in ("--host", "--uds", "--config")
+               or a.startswith(("--host=", "--uds=", "--config=")) for a in vllm_args):
+        # vLLM's default binds every interface; ask for that explicitly (--host 0.0.0.0).
+        # (A --config file may set the host itself: a command-line --host would override it.)
         vllm_args += ["--host", "127.0.0.1"]
         print("vllm-ray-metal serve: listening on 127.0.0.1 (pass --host ADDRESS to expose "
               "the API on another interface)", file=sys.stderr)

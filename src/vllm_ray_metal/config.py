@@ -50,6 +50,10 @@ def apply_platform_config(vllm_config) -> None:
     _reject(cache_config.cache_dtype not in ("auto", None),
             f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; MLX workers keep "
             "the KV cache in the model dtype (drop --kv-cache-dtype).")
+    for flag in ("prefill_context_parallel_size", "decode_context_parallel_size"):
+        _reject(getattr(parallel, flag, 1) > 1,
+                f"{flag} > 1 is not supported by vllm-ray-metal; drop "
+                f"--{flag.replace('_', '-')} (use tensor or pipeline parallelism).")
     pp = parallel.pipeline_parallel_size
     # vLLM's V1 runner turns async scheduling off with PP unless asked for explicitly; our
     # non-last stages need the token ids the scheduler sends only without it.
@@ -67,6 +71,7 @@ def apply_platform_config(vllm_config) -> None:
                     model_config.hf_config, parallel.tensor_parallel_size,
                     model_loader.model_module(model_config.model))
             if pp > 1:
+                pipeline.check_family(model_loader.model_module(model_config.model))
                 pipeline.layer_ranges(model_config.get_total_num_hidden_layers(), pp)
             mlx_parallel.mlx_backend()
         except ValueError as exc:

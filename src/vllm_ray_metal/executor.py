@@ -186,8 +186,11 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         per_node = defaultdict(int)
         for node_id, *_ in placements:
             per_node[node_id] += 1
+        # BLAS thread share: a node's cores go to as many ranks as it has key units (other
+        # replicas' workers may hold the ones this executor does not use), at least ours
+        node_units = {n.node_id: int(n.units(key)) for n in cluster.list_nodes()}
         for env, (node_id, *_) in zip(worker_env, placements):
-            env[blas.NODE_RANKS_ENV] = str(per_node[node_id])  # for the BLAS thread share
+            env[blas.NODE_RANKS_ENV] = str(max(per_node[node_id], node_units.get(node_id, 0)))
         ray.get([
             h.actor.initialize_worker.remote(
                 h.local_rank, env, init_method, self.driver_env_vars,

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def mlx_module_name(model_type: str) -> str:
@@ -87,7 +87,7 @@ def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
     if group is not None:
         mlx_model.shard(group)
     if dtype is not None:
-        mlx_model.set_dtype(_DTYPES[dtype])  # floating arrays only; packed weights keep theirs
+        mlx_model.set_dtype(DTYPES[dtype])  # floating arrays only; packed weights keep theirs
     mx.eval(mlx_model.parameters())
     if not hasattr(mlx_model, "model") or not hasattr(mlx_model.model, "layers"):
         raise ValueError(f"mlx-lm's {type(mlx_model).__module__}.Model has no decoder stack "

@@ -32,8 +32,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_ray_metal import compat
+from vllm_ray_metal.model_loader import DTYPES
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# mlx-lm families whose decoder is exactly embed_tokens -> layers(h, mask, cache) -> norm,
+# which StageDecoder re-runs stage by stage (e.g. gemma also scales the embedding, so it
+# would run but decode wrongly) and whose sharded layers all-reduce only through
+# ShardedToAllLinear (MoE blocks call all_sum themselves, which lockstep cannot count).
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def check_family(model_module) -> None:
+    """Reject, at configuration time, a model family the stage decoder cannot run."""
+    name = model_module.__name__.rsplit(".", 1)[-1]
+    if name not in FAMILIES:
+        raise ValueError(
+            f"pipeline_parallel_size > 1 supports the mlx-lm families {', '.join(FAMILIES)} "
+            f"(and those mapped to them, e.g. mistral); this model is {name!r}. Use "
+            "tensor_parallel_size to split it instead, or pipeline_parallel_size=1.")
 
 
 @dataclass(frozen=True)
@@ -212,12 +227,12 @@ def load_stage(model: str, dtype: str | None, group, stage: Stage) -> nn.Module:
     tied = not hasattr(mlx_model, "lm_head")
     keep_embedding = stage.is_first or (stage.is_last and tied)
     hidden = inner.norm.weight.shape[0]
-    hidden_dtype = _DTYPES[dtype] if dtype is not None else inner.norm.weight.dtype
+    hidden_dtype = DTYPES[dtype] if dtype is not None else inner.norm.weight.dtype
     mlx_model.model = StageDecoder(inner, stage, group, hidden, hidden_dtype, keep_embedding)
     if not stage.is_last and not tied:
         del mlx_model.lm_head
     if dtype is not None:
-        mlx_model.set_dtype(_DTYPES[dtype])
+        mlx_model.set_dtype(DTYPES[dtype])
     mx.eval(mlx_model.parameters())
     return mlx_model
 
