@@ -46,6 +46,10 @@ def _mkl_candidates() -> list[str]:
 
 def _open(path: str) -> ctypes.CDLL:
     if "libmkl_rt" in os.path.basename(path):
+        # Intel OpenMP threads spin for 200 ms after each parallel region by default; with
+        # several MLX workers (or the engine) sharing cores that spinning steals the cores
+        # the next matrix product needs. Sleep at once instead (override: KMP_BLOCKTIME).
+        os.environ.setdefault("KMP_BLOCKTIME", "0")
         # MKL's default (Intel) threading layer dlopen()s libiomp5 by name; load the copy
         # shipped next to it first so the lookup succeeds without LD_LIBRARY_PATH.
         iomp = os.path.join(os.path.dirname(path), "libiomp5.so")
