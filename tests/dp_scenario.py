@@ -79,7 +79,9 @@ async def run(opts: dict, result: dict) -> None:
             *[one(i, p) for i, p in enumerate(opts["prompts"])])
         result["generate_s"] = time.perf_counter() - t0
         result["tokens_per_s"] = sum(map(len, result["outputs"])) / result["generate_s"]
-        await asyncio.sleep(1.5)  # stat records arrive with the next engine output batch
+        deadline = time.monotonic() + 30  # stat records arrive with later output batches
+        while len(served) < len(opts["prompts"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
         result["served_by"] = {rid: idx for rid, idx in sorted(served.items())}
         result["tokens_by_engine"] = {str(k): v for k, v in sorted(tokens.items())}
         result["replicas"] = await compat.dp_collective_rpc(engine, "node_info")

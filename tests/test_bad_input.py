@@ -28,7 +28,7 @@ import pytest
 
 from serve_helpers import health, post, post_error, served, stream
 
-GOOD = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 24,
+GOOD = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 64,
         "temperature": 0, "ignore_eos": True}
 # (request overrides, words the 400 response must contain: the field to fix)
 BAD_REQUESTS = [

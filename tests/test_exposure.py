@@ -19,7 +19,11 @@ def test_tcpstore_listens_on_the_node_address_only(monkeypatch):
     url = proc.create_dist_init_method()
     port = int(url.rsplit(":", 1)[1])
     assert url == f"tcp://127.0.0.58:{port}"
-    assert [a for a in _listening() - before if a[1] == port] == [("127.0.0.58", port)]
+    try:
+        assert [a for a in _listening() - before if a[1] == port] == [("127.0.0.58", port)]
+    finally:
+        proc._dist_init_sock.detach()  # the store owns the descriptor and closes it
+        del proc._dist_init_store
 
 
 def _listening() -> set[tuple[str, int]]:
@@ -36,6 +40,7 @@ def test_serve_binds_loopback_unless_told(monkeypatch, model_dir):
     cli.main(["serve", model_dir, "--port", "8001"])
     cli.main(["serve", model_dir, "--host", "0.0.0.0"])
     cli.main(["serve", "--model", model_dir, "--uds", "/tmp/x.sock"])
+    cli.main(["serve", model_dir, "--config", "serve.yaml"])  # the file may set the host
     assert seen[0][-2:] == ["--host", "127.0.0.1"]
     assert seen[1].count("--host") == 1 and "0.0.0.0" in seen[1]
-    assert "--host" not in seen[2]
+    assert "--host" not in seen[2] and "--host" not in seen[3]
