@@ -40,7 +40,9 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
 # the engine spins through every step while it waits for the workers' output; on MLX's
 # CPU backend that takes a core from the BLAS threads doing the step.
 def set_reader_spin(queue: Any, seconds: float) -> None:
-    queue._spin_condition.busy_loop_s = seconds
+    spin = getattr(queue, "_spin_condition", None)
+    if spin is not None:  # None: a reader on another node reads a zmq socket, no spinning
+        spin.busy_loop_s = seconds
 
 
 # vllm.v1.outputs.LogprobsTensors (prompt logprobs travel as torch tensors)
