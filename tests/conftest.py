@@ -40,6 +40,19 @@ def tiny(model_dir, tmp_path_factory) -> str:
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
 
 
+def config_error(model: str, **kw) -> str:
+    """The message vLLM's config build (with our platform hook) raises; it must come in < 10 s."""
+    import time
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    start = time.perf_counter()
+    with pytest.raises(Exception) as info:
+        EngineArgs(model=model, **kw).create_engine_config()
+    assert time.perf_counter() - start < 10
+    return str(info.value)
+
+
 def make_llm(model: str, **kwargs):
     """An LLM on the default model with test-sized memory (KV budget in MiB)."""
     from vllm import LLM

@@ -54,6 +54,11 @@ class LocalRayCluster:
         self.port = self._port(self.head_ip)
         self.address = f"{self.head_ip}:{self.port}"
 
+    @classmethod
+    def one_unit_each(cls, *octets: int) -> "LocalRayCluster":
+        """Raylets on 127.0.0.<octet>, each (the head too) with one METAL unit."""
+        return cls([(f"127.0.0.{i}", {"METAL": 1}) for i in octets])
+
     def _port(self, ip: str = "127.0.0.1") -> int:
         """A free port not yet handed to another node of this cluster."""
         while (port := free_port(ip)) in self._ports:

@@ -23,8 +23,7 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def four_units():
-    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (72, 73, 74, 75)]
-    with LocalRayCluster(nodes).start(timeout=240) as c:
+    with LocalRayCluster.one_unit_each(72, 73, 74, 75).start(timeout=240) as c:
         yield c
 
 

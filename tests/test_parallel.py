@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from conftest import config_error
 from ray_cluster import LocalRayCluster
 from test_model_runner import hf_greedy
 
@@ -22,8 +23,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def four_units():
     # four raylets, one METAL unit each (the head too): every rank gets its own address
-    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (12, 13, 14, 15)]
-    with LocalRayCluster(nodes).start(timeout=240) as c:
+    with LocalRayCluster.one_unit_each(12, 13, 14, 15).start(timeout=240) as c:
         yield c
 
 
@@ -71,20 +71,8 @@ def test_tp3_on_default_model_equals_reference(four_units, model_dir, prompts):
     assert len({w["host_ip"] for w in res["workers"]}) == 3
 
 
-def config_error(model: str, **kw) -> str:
-    import time
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    start = time.perf_counter()
-    with pytest.raises(Exception) as info:
-        EngineArgs(model=model, max_model_len=256, **kw).create_engine_config()
-    assert time.perf_counter() - start < 10
-    return str(info.value)
-
-
 def test_tp_not_dividing_kv_heads_names_valid_sizes(tiny):
-    msg = config_error(tiny, tensor_parallel_size=8)
+    msg = config_error(tiny, max_model_len=256, tensor_parallel_size=8)
     assert "valid sizes: 1, 2, 4" in msg
 
 
@@ -95,7 +83,7 @@ def test_model_family_without_shard_is_rejected(tmp_path, model_dir):
     save_file({"wte.weight": np.zeros((1, 1), np.float32)}, str(tmp_path / "model.safetensors"))
     for f in Path(model_dir).glob("tokenizer*"):
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    msg = config_error(str(tmp_path), tensor_parallel_size=2)
+    msg = config_error(str(tmp_path), max_model_len=256, tensor_parallel_size=2)
     assert "has no shard() method" in msg
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama
+from conftest import config_error, tiny_llama
 from ray_cluster import LocalRayCluster
 
 SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
@@ -24,8 +24,7 @@ STEP_TOKENS = 48
 @pytest.fixture(scope="module")
 def four_units():
     # four raylets, one METAL unit each (the head too): every rank gets its own address
-    nodes = [(f"127.0.0.{i}", {"METAL": 1}) for i in (62, 63, 64, 65)]
-    with LocalRayCluster(nodes).start(timeout=240) as c:
+    with LocalRayCluster.one_unit_each(62, 63, 64, 65).start(timeout=240) as c:
         yield c
 
 
@@ -88,20 +87,9 @@ def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
         [1.5 * per_layer] * 2 + [1.0 * per_layer] * 2, rel=0.02)  # 3 and 2 layers, halved
 
 
-def config_error(model: str, **kw) -> str:
-    import time
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    start = time.perf_counter()
-    with pytest.raises(Exception) as info:
-        EngineArgs(model=model, max_model_len=256, **kw).create_engine_config()
-    assert time.perf_counter() - start < 10
-    return str(info.value)
-
-
 def test_more_stages_than_layers_is_rejected(tiny):
-    msg = config_error(tiny, pipeline_parallel_size=6, distributed_executor_backend="ray")
+    msg = config_error(tiny, max_model_len=256, pipeline_parallel_size=6,
+                       distributed_executor_backend="ray")
     assert "pipeline_parallel_size <= 5" in msg
 
 
