@@ -144,3 +144,14 @@ def test_reader_spin_is_a_spin_condition_setting():
         shm_broadcast.MessageQueue.__init__)
     # the writer notifies after every write, so a reader that does not spin still wakes
     assert "self._spin_condition.notify()" in inspect.getsource(shm_broadcast.MessageQueue.enqueue)
+
+
+def test_pp_batch_queue_and_dist_init_contracts():
+    """worker.py (PP output via sample_tokens) and executor.py (TCPStore override) rely on:"""
+    from vllm.v1.engine.core import EngineCore
+
+    queue = inspect.getsource(EngineCore.step_with_batch_queue)
+    assert "model_executed = scheduler_output.total_num_scheduled_tokens > 0" in queue
+    assert "self.model_executor.sample_tokens(" in queue
+    proc = compat.ray_executor_symbols()["RayWorkerProc"]
+    assert "self._dist_init_store = store" in inspect.getsource(proc.create_dist_init_method)

@@ -34,6 +34,12 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
     return int(start), int(end)
 
 
+# Contracts other modules rely on without calling into vLLM here (guarded in
+# tests/test_compat.py): EngineCore.step_with_batch_queue collects PP outputs through
+# Worker.sample_tokens (worker.py); RayWorkerProc.create_dist_init_method keeps its
+# TCPStore in self._dist_init_store (executor.py overrides it to bind one address).
+
+
 # vllm.distributed.device_communicators.shm_broadcast.MessageQueue._spin_condition
 # (a SpinCondition; its busy_loop_s): how long a reader busy-waits (a sched_yield loop)
 # after its last read before it sleeps on the writer's zmq notification. With vLLM's 1 s
