@@ -56,6 +56,7 @@ def kill_mid_generation(llm, result: dict, make_llm) -> None:
     import psutil
     from vllm import SamplingParams
 
+    result["engine_core"] = type(llm.llm_engine.engine_core).__name__
     victim = llm.collective_rpc("node_info")[-1]["pid"]
     killed_at: list[float] = []
 
@@ -123,6 +124,7 @@ def main() -> None:
             result["text"] = outs[0].outputs[0].text
             result["token_ids"] = list(outs[0].outputs[0].token_ids)
         result["workers"] = llm.collective_rpc("node_info")
+        result["engine_core"] = type(llm.llm_engine.engine_core).__name__
         llm.llm_engine.engine_core.shutdown()
 
 

@@ -155,3 +155,22 @@ def test_pp_batch_queue_and_dist_init_contracts():
     assert "self.model_executor.sample_tokens(" in queue
     proc = compat.ray_executor_symbols()["RayWorkerProc"]
     assert "self._dist_init_store = store" in inspect.getsource(proc.create_dist_init_method)
+
+
+def test_inproc_engine_default_is_read_after_config_creation(monkeypatch):
+    """config.py's default only works if LLMEngine reads the variable after the config."""
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    src = inspect.getsource(LLMEngine.from_engine_args)
+    assert src.index("create_engine_config(") < src.index(compat.INPROC_ENGINE_ENV)
+    monkeypatch.delenv(compat.INPROC_ENGINE_ENV, raising=False)
+    assert compat.prefer_inproc_engine_core()
+    monkeypatch.setenv(compat.INPROC_ENGINE_ENV, "1")  # the user's choice wins
+    assert not compat.prefer_inproc_engine_core()
+
+
+def test_engine_dead_error_carries_our_reason():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    err = compat.engine_dead_error("MLX worker rank 1 on 127.0.0.3 (pid 7) died")
+    assert isinstance(err, EngineDeadError) and str(err).startswith("MLX worker rank 1")

@@ -70,6 +70,7 @@ def test_qualname_ray_and_auto_selection(two_nodes, reference_tokens, backend):
     assert "error" not in res, res.get("traceback", err[-3000:])
     assert res["token_ids"] == reference_tokens
     assert res["workers"][0]["host_ip"] == "127.0.0.3"
+    assert res["engine_core"] == "InprocClient"  # config.py: no engine process to spawn
 
 
 def test_missing_key_fails_fast_with_node_table_and_fix():

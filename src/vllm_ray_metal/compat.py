@@ -40,6 +40,22 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
 # TCPStore in self._dist_init_store (executor.py overrides it to bind one address).
 
 
+# vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING, read by LLMEngine.from_engine_args *after*
+# EngineArgs.create_engine_config (where the platform applies its config), so a default
+# set during config creation decides whether the offline LLM's engine core runs in the
+# caller's process (InprocClient) or a spawned one. vLLM's own ParallelConfig sets it the
+# same way for the external_launcher backend. AsyncLLM (vllm serve) always spawns.
+INPROC_ENGINE_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def prefer_inproc_engine_core() -> bool:
+    """Default the offline engine core into the caller's process; the user's value wins."""
+    import os
+
+    os.environ.setdefault(INPROC_ENGINE_ENV, "0")
+    return os.environ[INPROC_ENGINE_ENV] == "0"
+
+
 # vllm.distributed.device_communicators.shm_broadcast.MessageQueue._spin_condition
 # (a SpinCondition; its busy_loop_s): how long a reader busy-waits (a sched_yield loop)
 # after its last read before it sleeps on the writer's zmq notification. With vLLM's 1 s
@@ -49,6 +65,17 @@ def set_reader_spin(queue: Any, seconds: float) -> None:
     spin = getattr(queue, "_spin_condition", None)
     if spin is not None:  # None: a reader on another node reads a zmq socket, no spinning
         spin.busy_loop_s = seconds
+
+
+# vllm.v1.engine.exceptions.EngineDeadError: what callers of LLM / AsyncLLM catch when
+# the engine can't go on; raised with our reason when a worker dies under an in-process
+# engine core (a spawned engine core raises it itself).
+def engine_dead_error(reason: str) -> Exception:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    err = EngineDeadError()
+    err.args = (reason,)  # upstream's text points at a stack trace that is not there
+    return err
 
 
 # vllm.v1.outputs.LogprobsTensors (prompt logprobs travel as torch tensors)

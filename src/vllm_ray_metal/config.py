@@ -144,6 +144,13 @@ def select_executor(parallel) -> None:
         parallel.distributed_executor_backend = RayMetalExecutor
     if parallel.use_ray:
         _export_ray_address(parallel.world_size)  # (data_parallel.py checks DP x world)
+        if parallel.data_parallel_size == 1 and parallel.data_parallel_backend != "ray":
+            # The engine core only schedules (MLX runs in the Ray actors), so a spawned
+            # engine process buys no overlap worth its start-up: it re-imports vLLM and
+            # torch, over half of LLM(...)'s start. VLLM_ENABLE_V1_MULTIPROCESSING=1 keeps it.
+            from vllm_ray_metal import compat
+
+            compat.prefer_inproc_engine_core()
 
 
 def _export_ray_address(world_size: int) -> None:

@@ -105,8 +105,9 @@ class _WatchedQueue:
         while True:
             executor = self._executor()
             if executor is None or executor.is_failed or executor.shutting_down:
-                raise RuntimeError("An MLX worker died or the executor shut down; see the "
-                                   "log above for the worker that failed.")
+                why = executor.failure_message() if executor is not None else \
+                    "the executor is gone"
+                raise compat.engine_dead_error(why)
             step = self.POLL_S if deadline is None else \
                 max(0.0, min(self.POLL_S, deadline - time.monotonic()))
             try:
@@ -139,9 +140,11 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         cluster.connect(key, self.parallel_config.ray_runtime_env, units=self.world_size)
         self._warn_on_host_ip_mismatch()
         pg = self.parallel_config.placement_group
+        self._own_placement_group = None
         if pg is None:
             pg = cluster.create_placement_group(key, self.world_size)
             self.parallel_config.placement_group = pg
+            self._own_placement_group = pg  # ours to remove (the engine may share our job)
         bundles = _V["get_bundles_sorted_by_node"](pg)[: self.world_size]
         driver_node = ray.get_runtime_context().get_node_id()
 
@@ -212,12 +215,57 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         for mq in self.response_mqs:
             mq.wait_until_ready()
 
+        cluster.keep_warm({node_id for node_id, *_ in placements})
         self.futures_queue = deque()
         self._post_init_executor()
         self.start_worker_monitor()
         self.output_rank = self._get_output_rank()
         logger.info("RayMetalExecutor: %d MLX worker(s) on %s", self.world_size,
                     ", ".join(sorted(set(self.worker_addresses))))
+
+    def shutdown(self) -> None:
+        """Upstream's shutdown, safe after Ray itself has shut down, and releasing our group.
+
+        Upstream relies on the engine-core process exiting to free the placement group;
+        with the engine core in the caller's process (config.py) the caller's Ray job
+        lives on, so the group this executor created is removed here, and the next
+        ``LLM(...)`` in the same process can be placed.
+        """
+        if not ray.is_initialized():  # interpreter exit after ray.shutdown(): all gone
+            self.shutting_down = True
+            return
+        if getattr(self, "is_failed", False) and not getattr(self, "_failure", None):
+            self._failure = self.failure_message()  # before shutdown kills the others
+        super().shutdown()
+        pg, self._own_placement_group = getattr(self, "_own_placement_group", None), None
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(pg)
+            except Exception:  # the cluster may be gone already
+                logger.debug("Could not remove placement group", exc_info=True)
+            if self.parallel_config.placement_group is pg:
+                self.parallel_config.placement_group = None
+
+    def failure_message(self) -> str:
+        """Which MLX worker died and where, for the error the caller sees."""
+        if getattr(self, "_failure", None):
+            return self._failure
+        handles = [h for h in self.ray_worker_handles if h.run_ref is not None]
+        try:
+            done, _ = ray.wait([h.run_ref for h in handles], num_returns=len(handles),
+                               timeout=0) if handles and ray.is_initialized() else ([], [])
+        except Exception:  # the cluster itself may be gone
+            done = []
+        dead = [h for h in handles if h.run_ref in done]
+        if not dead:
+            return "The MLX executor was shut down."
+        where = ", ".join(f"rank {h.rank} on {self.worker_addresses[h.rank]} "
+                          f"(pid {self.worker_pids[h.rank]})" for h in dead)
+        return (f"MLX worker {where} died; this engine is stopped. Create a new LLM(...) to "
+                "go on: the cluster is still usable if the node is alive (the worker's log "
+                "is above).")
 
     def _instance_id(self) -> str:
         """Unique per DP replica: vLLM suffixes ``_dp<i>`` for Ray DP, not for ``mp`` DP."""

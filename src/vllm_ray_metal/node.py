@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_ray_metal import cluster
 from vllm_ray_metal.default_model import cache_root
 
 DEFAULT_PORT = 6379
@@ -54,7 +55,8 @@ def detect_units() -> tuple[int, str]:
 
 
 def start_node(*, head: bool, address: str | None, node_ip: str | None, port: int,
-               key: str, units: int | None, extra: list[str], timeout: float = 60) -> dict:
+               key: str, units: int | None, extra: list[str], timeout: float = 60,
+               preload: bool = True) -> dict:
     detected, device = detect_units()
     units = detected if units is None else units
     node_ip = node_ip or default_node_ip(None if head else address)
@@ -62,7 +64,7 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
     cmd = [ray_bin, "start", "--block", f"--node-ip-address={node_ip}",
            f"--resources={json.dumps({key: units})}", *extra]
     cmd += ["--head", f"--port={port}"] if head else [f"--address={address}"]
-    env = dict(os.environ)
+    env = {**os.environ, **cluster.preload_env(preload)}  # warm idle workers (cluster.py)
     if sys.platform == "darwin":
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # multi-node Ray on macOS
     log = state_dir() / f"{node_ip}.log"
@@ -82,10 +84,27 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
     else:
         os.kill(proc.pid, signal.SIGTERM)
         raise TimeoutError(f"Ray node on {node_ip} did not start within {timeout:g}s; see {log}")
+    if preload:
+        _prestart_workers(gcs, node_ip, env, log)
     info = {"pid": proc.pid, "node_ip": node_ip, "address": gcs, "key": key, "units": units,
             "head": head, "device": device, "log": str(log), "command": cmd}
     (state_dir() / f"{node_ip}.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _prestart_workers(gcs: str, node_ip: str, env: dict, log: Path) -> None:
+    """Connect a throw-away driver at this node: Ray then pre-starts its idle workers.
+
+    Ray pre-starts a node's workers when a first driver attaches, and they outlive it;
+    with ``preload_python_modules`` set they import vLLM and MLX meanwhile, in the
+    background, so the first ``LLM(...)`` finds a warm worker (cluster.keep_warm keeps
+    one ready after that).
+    """
+    code = ("import ray, sys; ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], "
+            "logging_level='ERROR'); ray.shutdown()")
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-c", code, gcs, node_ip], env=env, stdout=out,
+                       stderr=subprocess.STDOUT, timeout=60, check=False)
 
 
 def _port_open(host: str, port: int) -> bool:
