@@ -16,6 +16,14 @@ from ray_cluster import free_port
 CLI = [sys.executable, "-m", "vllm_ray_metal.cli"]
 
 
+PRELOAD_PROBE = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+f = ray.remote(num_cpus=0)(lambda: "vllm_ray_metal.worker" in sys.modules)
+print(ray.get(f.remote()))
+"""
+
+
 def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -27,7 +35,7 @@ def test_start_status_stop_roundtrip(tmp_path):
     port = free_port("127.0.0.5")
     ray_tmp = tempfile.mkdtemp(prefix="vrm-cli-")  # short: Ray's socket paths are limited
     start = run(["start", "--head", "--node-ip-address", "127.0.0.5", "--port", str(port),
-                 "--units", "2", "--", "--num-cpus=1", "--include-dashboard=false",
+                 "--units", "2", "--preload", "--", "--num-cpus=1", "--include-dashboard=false",
                  f"--temp-dir={ray_tmp}", "--disable-usage-stats",
                  f"--dashboard-agent-listen-port={free_port()}",
                  f"--ray-client-server-port={free_port()}"], env)
@@ -42,6 +50,11 @@ def test_start_status_stop_roundtrip(tmp_path):
         assert "127.0.0.5" in status.stdout and "METAL=2" in status.stdout
         assert "METAL units on alive nodes: 2" in status.stdout
         assert "VLLM_HOST_IP=10.9.9.9 is not the address of any Ray node" in status.stdout
+        # --preload: the node's Ray workers have imported the MLX worker before any task
+        probe = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, f"127.0.0.5:{port}"],
+                               capture_output=True, text=True, timeout=120,
+                               env={k: v for k, v in env.items() if k != "VLLM_HOST_IP"})
+        assert probe.stdout.strip().endswith("True"), probe.stdout + probe.stderr[-3000:]
     finally:
         stop = run(["stop"], env)
     assert "Stopped Ray node 127.0.0.5" in stop.stdout

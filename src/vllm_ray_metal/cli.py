@@ -73,7 +73,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     info = node.start_node(head=args.head, address=args.address, node_ip=args.node_ip_address,
                            port=args.port, key=args.key or ray_resource_key(),
                            units=args.units, extra=args.ray_args,
-                           preload=not args.no_preload)
+                           preload=args.preload)
     role = "head" if info["head"] else "worker"
     print(f"Started Ray {role} node {info['node_ip']} (pid {info['pid']}) advertising "
           f"{info['key']}={info['units']} on {info['device']}.")
@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "routes to the head)")
     p.add_argument("--units", type=int, help="workers this node may host (default: detected)")
     p.add_argument("--key", help="Ray resource name (default: METAL or $VLLM_RAY_METAL_RAY_KEY)")
-    p.add_argument("--no-preload", action="store_true",
-                   help="don't have idle Ray workers pre-import vLLM and MLX (saves their "
-                   "memory; each LLM start then pays the imports, ~10 s)")
+    p.add_argument("--preload", action="store_true",
+                   help="have the node's idle Ray workers (num_cpus of them, ~620 MiB each) "
+                   "pre-import vLLM and MLX: the next that many LLM starts skip ~10 s")
     p.add_argument("ray_args", nargs=argparse.REMAINDER,
                    help="further `ray start` options, after --")
     p.set_defaults(func=_cmd_start)

@@ -19,9 +19,11 @@ logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 PLACEMENT_TIMEOUT_ENV = "VLLM_RAY_METAL_PLACEMENT_TIMEOUT"
 DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"  # the caller's Ray node (config.py)
 DEFAULT_PLACEMENT_TIMEOUT = 60.0
-# Imported by every idle Ray worker process of nodes we start (Ray's preload_python_modules
-# config), so an MLX worker actor starts in an already-warm process: without it each
-# actor spends ~10 s importing vLLM, torch and MLX before it can load the model.
+# With `vllm-ray-metal start --preload`, imported by the node's idle Ray workers (Ray's
+# preload_python_modules config), so an MLX worker actor starts in an already-warm
+# process instead of spending ~10 s importing vLLM, torch and MLX. Ray pre-starts
+# num_cpus such workers when the first driver attaches and does not replace them once
+# used, and each holds ~620 MiB (measured on Linux), hence opt-in.
 WORKER_PRELOAD_MODULES = ("vllm_ray_metal.executor", "vllm_ray_metal.worker")
 PRELOAD_ENV = "RAY_preload_python_modules"  # how `ray start` takes that config
 
@@ -131,18 +133,12 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
                 f"RAY_ADDRESS={address} is set but no Ray cluster answers there. Start one "
                 f"with `vllm-ray-metal start --head` or unset RAY_ADDRESS.") from None
     logger.info("No Ray cluster found; starting a local one with %s=%d", key, units)
-    ray.init(resources={key: units}, runtime_env=runtime_env, include_dashboard=False,
-             _system_config={"preload_python_modules": list(WORKER_PRELOAD_MODULES)})
+    ray.init(resources={key: units}, runtime_env=runtime_env, include_dashboard=False)
 
 
-def preload_env(enabled: bool = True) -> dict[str, str]:
-    """Environment for `ray start` so the node's idle workers import our worker modules.
-
-    A value already in the environment wins (empty turns it off, as does ``enabled``).
-    """
-    if not enabled:
-        return {PRELOAD_ENV: ""}
-    return {PRELOAD_ENV: os.environ.get(PRELOAD_ENV, ",".join(WORKER_PRELOAD_MODULES))}
+def preload_env(enabled: bool) -> dict[str, str]:
+    """Environment for `ray start`: with ``enabled``, idle workers import our worker modules."""
+    return {PRELOAD_ENV: ",".join(WORKER_PRELOAD_MODULES)} if enabled else {}
 
 
 def create_placement_group(key: str, world_size: int, timeout: float | None = None):
@@ -167,22 +163,3 @@ def create_placement_group(key: str, world_size: int, timeout: float | None = No
         f"nodes ({fix_command(key, world_size)}), or wait longer with "
         f"{PLACEMENT_TIMEOUT_ENV}=<seconds>.")
 
-
-def _warm_up_worker() -> None:
-    """A no-op: the task exists to make the raylet start (and keep) one more worker."""
-
-
-def keep_warm(node_ids: set[str]) -> None:
-    """Have each node start one spare worker for the next MLX actor, without waiting.
-
-    Our actors take the nodes' pre-started (pre-importing) workers; Ray does not replace
-    them by itself, so the next ``LLM(...)`` would pay the imports again. A zero-CPU task
-    pinned to each node makes the raylet start a worker, which stays idle and warm.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    task = ray.remote(num_cpus=0, max_retries=0)(_warm_up_worker)
-    for node_id in node_ids:
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                     runtime_env={"env_vars": {}}).remote()

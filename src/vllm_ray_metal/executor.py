@@ -215,7 +215,6 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         for mq in self.response_mqs:
             mq.wait_until_ready()
 
-        cluster.keep_warm({node_id for node_id, *_ in placements})
         self.futures_queue = deque()
         self._post_init_executor()
         self.start_worker_monitor()

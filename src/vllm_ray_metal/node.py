@@ -56,7 +56,7 @@ def detect_units() -> tuple[int, str]:
 
 def start_node(*, head: bool, address: str | None, node_ip: str | None, port: int,
                key: str, units: int | None, extra: list[str], timeout: float = 60,
-               preload: bool = True) -> dict:
+               preload: bool = False) -> dict:
     detected, device = detect_units()
     units = detected if units is None else units
     node_ip = node_ip or default_node_ip(None if head else address)
@@ -95,10 +95,9 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
 def _prestart_workers(gcs: str, node_ip: str, env: dict, log: Path) -> None:
     """Connect a throw-away driver at this node: Ray then pre-starts its idle workers.
 
-    Ray pre-starts a node's workers when a first driver attaches, and they outlive it;
-    with ``preload_python_modules`` set they import vLLM and MLX meanwhile, in the
-    background, so the first ``LLM(...)`` finds a warm worker (cluster.keep_warm keeps
-    one ready after that).
+    Ray pre-starts a node's workers (num_cpus of them) when a first driver attaches, and
+    they outlive it; with ``preload_python_modules`` set they import vLLM and MLX in the
+    background, so the next MLX worker actors start warm (see cluster.py).
     """
     code = ("import ray, sys; ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], "
             "logging_level='ERROR'); ray.shutdown()")
