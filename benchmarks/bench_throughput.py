@@ -65,7 +65,8 @@ def child_vllm(system: str, levels: list[int], new_tokens: int, repeats: int) ->
 
         from vllm_ray_metal import RayMetalExecutor
 
-        ray.init(resources={"METAL": 1}, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
+                 logging_level="ERROR")
         kwargs.update(distributed_executor_backend=RayMetalExecutor,
                       kv_cache_memory_bytes=1 << 30)
     else:

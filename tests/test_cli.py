@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import psutil
 
@@ -58,6 +59,9 @@ def test_start_status_stop_roundtrip(tmp_path):
     finally:
         stop = run(["stop"], env)
     assert "Stopped Ray node 127.0.0.5" in stop.stdout
+    # a later plain ray.init() must not try to join the stopped head
+    recorded = Path("/tmp/ray/ray_current_cluster")
+    assert not recorded.exists() or recorded.read_text().strip() != f"127.0.0.5:{port}"
     assert not ray_start.is_running() or ray_start.status() == psutil.STATUS_ZOMBIE
     gone, alive = psutil.wait_procs(daemons, timeout=20)
     assert not alive, [p.pid for p in alive]

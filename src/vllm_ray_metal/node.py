@@ -130,8 +130,23 @@ def stop_nodes(node_ip: str | None = None, timeout: float = 30) -> list[dict]:
             while time.time() < deadline and _is_our_process(info):
                 time.sleep(0.3)
         (state_dir() / f"{info['node_ip']}.json").unlink(missing_ok=True)
+        if info["head"]:
+            _forget_cluster_address(info["address"])
         stopped.append(info)
     return stopped
+
+
+# Where `ray start --head` records the newest cluster's address; a plain `ray.init()` then
+# tries to join it (documented in ray.init). `ray stop` removes it; so do we, for our head.
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def _forget_cluster_address(address: str) -> None:
+    try:
+        if RAY_ADDRESS_FILE.read_text().strip() == address:
+            RAY_ADDRESS_FILE.unlink()
+    except OSError:
+        pass
 
 
 def _is_our_process(info: dict) -> bool:
