@@ -162,4 +162,3 @@ def create_placement_group(key: str, world_size: int, timeout: float | None = No
         f"rest).\nNodes:\n{node_table(nodes, key)}\nFix: stop the other vLLM instance, add "
         f"nodes ({fix_command(key, world_size)}), or wait longer with "
         f"{PLACEMENT_TIMEOUT_ENV}=<seconds>.")
-

@@ -7,6 +7,7 @@ fails there, loudly, instead of deep inside a worker.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,6 @@ INPROC_ENGINE_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 def prefer_inproc_engine_core() -> bool:
     """Default the offline engine core into the caller's process; the user's value wins."""
-    import os
-
     os.environ.setdefault(INPROC_ENGINE_ENV, "0")
     return os.environ[INPROC_ENGINE_ENV] == "0"
 
