@@ -73,3 +73,12 @@ def test_start_requires_head_or_address(tmp_path):
     env = {**os.environ, "VLLM_RAY_METAL_CACHE": str(tmp_path)}
     out = run(["start"], env)
     assert out.returncode == 2 and "--head" in out.stderr
+
+
+def test_ray_address_file_is_the_one_ray_writes():
+    """node.stop_nodes forgets our head's address in the file Ray's own code uses."""
+    from ray._common.utils import get_ray_address_file
+
+    from vllm_ray_metal import node
+
+    assert Path(get_ray_address_file(None)) == node.RAY_ADDRESS_FILE

@@ -25,7 +25,9 @@ DEFAULT_PLACEMENT_TIMEOUT = 60.0
 # num_cpus such workers when the first driver attaches and does not replace them once
 # used, and each holds ~620 MiB (measured on Linux), hence opt-in.
 WORKER_PRELOAD_MODULES = ("vllm_ray_metal.executor", "vllm_ray_metal.worker")
-PRELOAD_ENV = "RAY_preload_python_modules"  # how `ray start` takes that config
+# Ray touch-point: the raylet config preload_python_modules, as `ray start` reads it from
+# the environment (test_cli.py fails if a --preload node's workers lack the module)
+PRELOAD_ENV = "RAY_preload_python_modules"
 
 
 class PlacementError(RuntimeError):

@@ -136,7 +136,8 @@ def stop_nodes(node_ip: str | None = None, timeout: float = 30) -> list[dict]:
     return stopped
 
 
-# Where `ray start --head` records the newest cluster's address; a plain `ray.init()` then
+# Ray touch-point (ray._common.utils.get_ray_address_file(None); checked by test_cli.py):
+# where `ray start --head` records the newest cluster's address; a plain `ray.init()` then
 # tries to join it (documented in ray.init). `ray stop` removes it; so do we, for our head.
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
