@@ -58,3 +58,26 @@ def test_thread_share(monkeypatch):
     assert blas.default_threads() == 1  # never zero
     monkeypatch.setenv(blas.THREADS_ENV, "3")
     assert blas.default_threads() == 3
+
+
+def test_spin_only_when_the_machine_has_a_core_per_thread(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv(blas.HOST_RANKS_ENV, "1")
+    assert blas.spin_fits(cores)
+    assert not blas.spin_fits(cores + 1)
+    monkeypatch.setenv(blas.HOST_RANKS_ENV, "2")  # two loopback raylets of one machine
+    assert not blas.spin_fits(cores)
+    assert blas.spin_fits(max(1, cores // 2))
+
+
+def test_set_spin_writes_kmp_blocktime_unless_the_user_did(monkeypatch):
+    monkeypatch.setattr(blas, "_user_blocktime", None)
+    monkeypatch.setenv(blas.BLOCKTIME_ENV, "x")
+    blas.set_spin(True)
+    assert os.environ[blas.BLOCKTIME_ENV] == "200"
+    blas.set_spin(False)
+    assert os.environ[blas.BLOCKTIME_ENV] == "0"
+    monkeypatch.setattr(blas, "_user_blocktime", "7")
+    monkeypatch.setenv(blas.BLOCKTIME_ENV, "7")
+    blas.set_spin(False)
+    assert os.environ[blas.BLOCKTIME_ENV] == "7"

@@ -41,6 +41,7 @@ class NodeInfo:
     alive: bool
     is_head: bool
     resources: dict[str, float] = field(default_factory=dict)
+    hostname: str = ""  # raylets on distinct addresses of one machine share it
 
     def units(self, key: str) -> float:
         return self.resources.get(key, 0.0) if self.alive else 0.0
@@ -70,7 +71,7 @@ def list_nodes() -> list[NodeInfo]:
         res = dict(n.get("Resources") or {})
         nodes.append(NodeInfo(node_id=n["NodeID"], address=n["NodeManagerAddress"],
                               alive=bool(n["Alive"]), is_head="node:__internal_head__" in res,
-                              resources=res))
+                              resources=res, hostname=n.get("NodeManagerHostname", "")))
     return nodes
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import compat, model_loader, pipeline, sampler
+from vllm_ray_metal import compat, model_loader, pipeline, rope, sampler
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -83,6 +83,8 @@ class MLXModelRunner:
                                              self.stage)
         else:
             self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
+        rope.install(self.model)  # CPU only: one rope table per step instead of per layer
+        rope.install(self.model)  # CPU only: one rope table per step instead of per layer
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",

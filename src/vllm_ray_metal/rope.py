@@ -1,0 +1,114 @@
+"""Rotary embeddings as one table per step, for MLX's CPU backend.
+
+On the CPU, ``mx.fast.rope`` has no fused kernel: each call recomputes the angles and
+their sines and cosines, ~150 us whatever the input size. A decoder calls it twice per
+layer (queries and keys), so SmolLM2 spent ~9 ms of a ~50 ms single-sequence step in it.
+Every layer rotates the same positions with the same frequencies, so the runner asks
+the model's own rope module once per step for its per-position 2x2 maps (by rotating
+two probe vectors) and applies them in each layer with three element-wise products.
+Outputs are bitwise the same: ``x1*cos + x2*(-sin)`` rounds like ``x1*cos - x2*sin``.
+
+The model code stays mlx-lm's: :func:`install` only wraps each attention's ``rope``
+attribute, and the tables come from that rope itself, so llama3/yarn/su scaling and
+partial rotary dims need no code here. On Metal, ``mx.fast.rope`` is one fused kernel
+and already cheaper than this, so nothing is installed there.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class StepTables:
+    """Per-step rope tables, shared by every layer whose rope has the same configuration."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._offset: mx.array | None = None  # kept alive so its id cannot be reused
+        self._tables: dict[str, tuple[mx.array, mx.array]] = {}
+
+    def get(self, rope: nn.Module, signature: str, offset: mx.array, length: int,
+            dims: int) -> tuple[mx.array, mx.array]:
+        key = (id(offset), length, dims)
+        if key != self._key:
+            self._key, self._offset, self._tables = key, offset, {}
+        if signature not in self._tables:
+            self._tables[signature] = _probe(rope, offset, length, dims)
+        return self._tables[signature]
+
+
+def _pair_masks(rope: nn.Module, dims: int) -> tuple[mx.array, mx.array]:
+    """0/1 masks of the first and second element of every rotated pair (tail: first)."""
+    rotated = getattr(rope, "dims", dims)
+    idx = mx.arange(dims)
+    if getattr(rope, "traditional", False):  # pairs (2i, 2i+1)
+        second = (idx < rotated) & (idx % 2 == 1)
+    else:  # pairs (i, i + rotated/2)
+        second = (idx >= rotated // 2) & (idx < rotated)
+    return (~second).astype(mx.float32), second.astype(mx.float32)
+
+
+def _swap_pairs(x: mx.array, rotated: int, traditional: bool) -> mx.array:
+    """x with the two elements of every rotated pair exchanged (the tail kept in place).
+
+    Slices and a concatenation, not a gather: MLX's CPU gather is several times slower.
+    """
+    dims = x.shape[-1]
+    if traditional:
+        pairs = x[..., :rotated].reshape(*x.shape[:-1], rotated // 2, 2)
+        swapped = mx.concatenate([pairs[..., 1:], pairs[..., :1]], axis=-1)
+        parts = [swapped.reshape(*x.shape[:-1], rotated)]
+    else:
+        half = rotated // 2
+        parts = [x[..., half:rotated], x[..., :half]]
+    if rotated < dims:
+        parts.append(x[..., rotated:])
+    return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def _probe(rope: nn.Module, offset: mx.array, length: int, dims: int
+           ) -> tuple[mx.array, mx.array]:
+    """(diagonal, off-diagonal) of the rope's 2x2 map at every (row, position)."""
+    first, second = _pair_masks(rope, dims)
+    rows = offset.shape[0] if offset.ndim else 1
+    shape = (rows, 1, length, dims)
+    r1 = rope(mx.broadcast_to(first, shape), offset=offset)  # column of the first element
+    r2 = rope(mx.broadcast_to(second, shape), offset=offset)  # column of the second
+    diag = r1 * first + r2 * second
+    off = r2 * first + r1 * second
+    return diag, off
+
+
+class TableRoPE(nn.Module):
+    """Drop-in for an mlx-lm rope module: same call, tables from :class:`StepTables`."""
+
+    def __init__(self, inner: nn.Module, tables: StepTables) -> None:
+        super().__init__()
+        self.inner = inner
+        self._tables = tables
+        self._signature = f"{type(inner).__module__}.{type(inner).__qualname__}:{inner}"
+        self._traditional = bool(getattr(inner, "traditional", False))
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        if not isinstance(offset, mx.array):  # int offsets: mlx-lm's own caches
+            return self.inner(x, offset=offset)
+        dims = x.shape[-1]
+        diag, off = self._tables.get(self.inner, self._signature, offset, x.shape[-2], dims)
+        rotated = getattr(self.inner, "dims", dims)
+        out = x * diag + _swap_pairs(x, rotated, self._traditional) * off
+        return out.astype(x.dtype)
+
+
+def install(model: nn.Module) -> int:
+    """Wrap every attention's ``rope`` in ``model`` (CPU only); return how many were wrapped."""
+    if mx.default_device() != mx.cpu:
+        return 0
+    tables = StepTables()
+    wrapped = 0
+    for _, module in model.named_modules():
+        inner = getattr(module, "rope", None)
+        if isinstance(inner, nn.Module) and not isinstance(inner, TableRoPE):
+            module.rope = TableRoPE(inner, tables)
+            wrapped += 1
+    return wrapped
