@@ -90,10 +90,14 @@ def child_vllm(system: str, levels: list[int], new_tokens: int, repeats: int) ->
 
 
 def child_mlx(levels: list[int], new_tokens: int, repeats: int) -> dict:
-    import vllm_ray_metal  # noqa: F401  (same BLAS as ours: loads OpenBLAS before MLX)
+    import vllm_ray_metal  # noqa: F401  (same BLAS as ours: loads MKL before MLX)
     from mlx_lm import batch_generate, load, stream_generate
 
-    from vllm_ray_metal import default_model
+    from vllm_ray_metal import blas, default_model
+
+    threads = blas.default_threads()  # the same threads and spinning as our one worker
+    blas.set_spin(blas.spin_fits(threads))
+    blas.set_threads(threads)
 
     model, tok = load(default_model())
     curve = {}

@@ -1,5 +1,9 @@
 """P3: decode throughput with tensor parallelism, TP=2 ÷ TP=1, on a ~1B random-weight llama.
 
+Decode throughput is the tokens after each request's first one over the time they add: a
+run with ``max_tokens=1`` (prefill and first token) is subtracted from a full run. The
+end-to-end rate (prefill included) is recorded next to it.
+
 Each rank runs on its own raylet (distinct loopback addresses stand in for two Macs) with
 one BLAS thread (``VLLM_RAY_METAL_BLAS_THREADS=1``), so TP=1 is one core and TP=2 is two:
 the ratio shows what splitting the weights and the MLX ring all-reduces buy.
@@ -82,15 +86,26 @@ def child(tp: int, address: str, model: str, prompts: int, new_tokens: int,
     batch = [TokensPrompt(prompt_token_ids=list(range(100 + 7 * i, 132 + 7 * i)))
              for i in range(prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(batch, params, use_tqdm=False)  # warm-up
-    rates, first = [], None
-    for _ in range(repeats):
+    prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def timed(p: SamplingParams) -> tuple[float, list]:
         t = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t))
+        outs = llm.generate(batch, p, use_tqdm=False)
+        return time.perf_counter() - t, outs
+
+    timed(params)  # warm-up
+    rates, decode_rates, first = [], [], None
+    for _ in range(repeats):
+        t_prefill, _ = timed(prefill)  # the prompts and their first token
+        t_all, outs = timed(params)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        rates.append(tokens / t_all)
+        # decode only: the tokens after the first, over the time they added
+        decode_rates.append((tokens - len(batch)) / max(t_all - t_prefill, 1e-9))
         first = first or [list(o.outputs[0].token_ids) for o in outs]
     info = llm.collective_rpc("node_info")
-    return {"system": f"tp{tp}", "tok_s": common.median(rates), "runs": rates,
+    return {"system": f"tp{tp}", "tok_s": common.median(decode_rates), "runs": decode_rates,
+            "end_to_end_tok_s": common.median(rates), "end_to_end_runs": rates,
             "tokens": first, "ranks": [{k: i[k] for k in ("host_ip", "weight_bytes")}
                                        for i in info]}
 
@@ -138,10 +153,13 @@ def main() -> None:
         results[f"tp{tp}"] = res
     one, two = results["tp1"], results["tp2"]
     ratio = two["tok_s"] / one["tok_s"]
-    rows = [{"id": "P3", "measure": f"decode tok/s, TP=2 (two raylets, 1 BLAS thread each) ÷ "
-             f"TP=1 (1 thread); {Path(model).name}, {args.prompts} prompts",
-             "figure": f"{two['tok_s']:.2f} vs {one['tok_s']:.2f} tok/s",
-             "ratio": f"{ratio:.2f}", "target": "≥ 1.6"}]
+    e2e = two["end_to_end_tok_s"] / one["end_to_end_tok_s"]
+    rows = [{"id": "P3", "measure": f"decode tok/s (after the first token), TP=2 (two raylets, "
+             f"1 BLAS thread each) ÷ TP=1 (1 thread); {Path(model).name}, {args.prompts} "
+             "prompts; end to end (prefill included) in brackets",
+             "figure": f"{two['tok_s']:.2f} vs {one['tok_s']:.2f} tok/s "
+                       f"({two['end_to_end_tok_s']:.2f} vs {one['end_to_end_tok_s']:.2f})",
+             "ratio": f"{ratio:.2f} ({e2e:.2f})", "target": "≥ 1.6"}]
     payload = {"results": results, "rows": rows, "same_tokens": one["tokens"] == two["tokens"],
                "model": dict(SMOKE if args.smoke else FULL)}
     path = common.save("tp_scaling", payload, args.smoke)

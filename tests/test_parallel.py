@@ -54,6 +54,7 @@ def test_tp_equals_tp1_with_ranks_on_different_nodes(four_units, tiny, prompts, 
     assert [w["rank"] for w in workers] == list(range(tp))
     assert len({w["host_ip"] for w in workers}) == tp  # one rank per raylet address
     assert all(w["group_size"] == tp for w in workers)
+    assert all(w["vocab_split"] for w in workers)  # each rank projects onto 1/tp of the vocab
     # each rank holds 1/tp of the decoder weights (embeddings stay replicated)
     full = tiny_tp1["workers"][0]["layer_weight_bytes"]
     for w in workers:
@@ -69,6 +70,7 @@ def test_tp3_on_default_model_equals_reference(four_units, model_dir, prompts):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert res["outputs"] == [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     assert len({w["host_ip"] for w in res["workers"]}) == 3
+    assert all(w["vocab_split"] for w in res["workers"])
 
 
 def test_tp_not_dividing_kv_heads_names_valid_sizes(tiny):

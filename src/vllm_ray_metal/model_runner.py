@@ -74,6 +74,9 @@ class MLXModelRunner:
         self.vocab_size = self.model_config.get_vocab_size()
         self.stage = pipeline.stage_for(vllm_config)  # None without pipeline parallelism
         self.samples = self.stage is None or self.stage.is_last  # only the last stage samples
+        # tensor parallel without pipeline stages: split the output projection by vocabulary
+        # (with stages, the one global group also spans ranks that hold no output matrix)
+        self.vocab_group = group if self.stage is None else None
 
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
@@ -123,7 +126,7 @@ class MLXModelRunner:
         layout = build_layout([0], [1], [[0]], self.block_size)
         hidden = self.model.model(mx.array([[0]]), cache=self.kv_pool.layer_caches(layout))
         if self.samples:
-            hidden = model_loader.compute_logits(self.model, hidden[:, -1])
+            hidden = model_loader.compute_logits(self.model, hidden[:, -1], self.vocab_group)
         mx.eval(hidden, self.kv_pool.arrays())
 
     # ---- per step ------------------------------------------------------------------
@@ -185,7 +188,7 @@ class MLXModelRunner:
                                      np.zeros((prompt_len - 1, k + 1), np.float32),
                                      np.zeros(prompt_len - 1, np.int32))
         if num_logits > 0:
-            logits = model_loader.compute_logits(self.model, hidden[:num_logits])
+            logits = model_loader.compute_logits(self.model, hidden[:num_logits], self.vocab_group)
             lps = sampler.log_softmax(np.asarray(logits.astype(mx.float32)))
             targets = np.asarray(
                 state.prompt_token_ids[row.start + 1:row.start + 1 + num_logits], np.int64)
@@ -233,7 +236,8 @@ class MLXModelRunner:
         sampled: list[list[int]] = [[] for _ in rows]
         logprobs = None
         if to_sample:
-            logits = model_loader.compute_logits(self.model, mx.stack(last_hidden))
+            logits = model_loader.compute_logits(self.model, mx.stack(last_hidden),
+                                                 self.vocab_group)
             tokens, lp = sampler.sample(logits, [r.state for r in to_sample], self.default_rng)
             for r, tok in zip(to_sample, tokens):
                 r.state.output_token_ids.append(tok)

@@ -15,7 +15,7 @@ import psutil
 import torch
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_ray_metal import blas, compat, parallel
+from vllm_ray_metal import blas, compat, model_loader, parallel
 from vllm_ray_metal.model_runner import MLXModelRunner
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -67,6 +67,7 @@ class MLXWorker(WorkerBase):
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
                 "group_size": self.group.size() if self.group is not None else 1,
+                "vocab_split": model_loader.splits_vocab(runner.model, runner.vocab_group),
                 "layers": list(runner.stage_layers())}
 
     def get_model_inspection(self) -> str:
