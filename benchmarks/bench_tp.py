@@ -39,7 +39,9 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "decodes the same tokens as TP=1. Each rank holds 2.34 GB of the 4.28 GB (mlx-lm's "
         "shard keeps the embedding whole), but projects onto only its half of the vocabulary "
         "(403 MB -> 201 MB read a step); with that and the per-step rope tables the ratio went "
-        "from 1.32 (end to end, 2026-11-27 morning) to the figure above.")
+        "from 1.32 (end to end, 2026-11-27 morning) to the figure above. Prefix caching is on "
+        "(vLLM's default), so after the warm-up the prompts are cached in every timed run: "
+        "the end-to-end figure holds little prefill.")
 
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:

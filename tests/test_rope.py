@@ -25,17 +25,46 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     lambda: nn.RoPE(32, traditional=True, base=10000.0, scale=0.5),
     lambda: initialize_rope(64, 500000.0, False, LLAMA3, max_position_embeddings=131072),
 ], ids=["half", "traditional", "partial", "partial-traditional-scaled", "llama3"])
-def test_tables_equal_fast_rope(make):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_tables_equal_fast_rope(make, dtype):
     inner = make()
     wrapped = rope.TableRoPE(inner, rope.StepTables())
     rng = np.random.default_rng(0)
     offsets = mx.array([0, 5, 130, 2047], dtype=mx.int32)
     for length in (1, 7):
-        x = mx.array(rng.standard_normal((4, 3, length, 64)).astype(np.float32))
+        x = mx.array(rng.standard_normal((4, 3, length, 64)).astype(np.float32)).astype(dtype)
         expected = inner(x, offset=offsets)
         assert mx.array_equal(wrapped(x, offset=offsets), expected).item()
     x = mx.array(rng.standard_normal((1, 3, 5, 64)).astype(np.float32))  # int offset
     assert mx.array_equal(wrapped(x, offset=9), inner(x, offset=9)).item()
+
+
+def test_layers_with_different_ropes_get_their_own_tables():
+    tables = rope.StepTables()  # one per model, shared by every layer
+    inners = [nn.RoPE(64, base=10000.0), nn.RoPE(64, base=1000000.0), nn.RoPE(64, scale=0.5)]
+    wrapped = [rope.TableRoPE(r, tables) for r in inners]
+    assert len({w._signature for w in wrapped}) == 3
+    x = mx.array(np.random.default_rng(1).standard_normal((2, 3, 1, 64)).astype(np.float32))
+    offsets = mx.array([3, 40], dtype=mx.int32)
+    for inner, w in zip(inners, wrapped):
+        assert mx.array_equal(w(x, offset=offsets), inner(x, offset=offsets)).item()
+    assert rope.signature(nn.RoPE(64)) == rope.signature(nn.RoPE(64))  # layers share
+
+
+def test_ropes_that_scale_their_input_are_left_alone():
+    class Attention(nn.Module):
+        def __init__(self, r):
+            super().__init__()
+            self.rope = r
+
+    yarn = initialize_rope(64, 10000.0, False, {"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 4096},
+                           max_position_embeddings=16384)
+    model = nn.Module()
+    model.layers = [Attention(yarn), Attention(nn.RoPE(64))]
+    assert rope.install(model) == 1
+    assert model.layers[0].rope is yarn and isinstance(model.layers[1].rope, rope.TableRoPE)
 
 
 def test_tables_follow_each_step():

@@ -192,17 +192,19 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         # BLAS thread share: a node's cores go to as many ranks as it has key units (other
         # replicas' workers may hold the ones this executor does not use), at least ours
         nodes = cluster.list_nodes()
-        node_ranks = {n.node_id: max(per_node[n.node_id], int(n.units(key))) for n in nodes}
+        node_ranks = {n.node_id: max(per_node.get(n.node_id, 0), int(n.units(key)))
+                      for n in nodes}
+        node_ranks.update({node_id: max(node_ranks.get(node_id, 0), count)
+                           for node_id, count in per_node.items()})
         # ... and a machine's cores to every rank its raylets can host (loopback raylets
         # of one host): MKL's threads may spin between products only if none is shared
         host_of = {n.node_id: n.hostname or n.node_id for n in nodes}
         host_ranks = defaultdict(int)
         for node_id, ranks in node_ranks.items():
-            host_ranks[host_of[node_id]] += ranks
+            host_ranks[host_of.get(node_id, node_id)] += ranks
         for env, (node_id, *_) in zip(worker_env, placements):
-            env[blas.NODE_RANKS_ENV] = str(node_ranks.get(node_id, per_node[node_id]))
-            env[blas.HOST_RANKS_ENV] = str(host_ranks[host_of.get(node_id, node_id)]
-                                           or per_node[node_id])
+            env[blas.NODE_RANKS_ENV] = str(node_ranks[node_id])
+            env[blas.HOST_RANKS_ENV] = str(host_ranks[host_of.get(node_id, node_id)])
         ray.get([
             h.actor.initialize_worker.remote(
                 h.local_rank, env, init_method, self.driver_env_vars,

@@ -118,14 +118,17 @@ def compute_logits(model: nn.Module, hidden: mx.array, group=None) -> mx.array:
 
 def splits_vocab(model: nn.Module, group) -> bool:
     """True if :func:`compute_logits` splits the output projection over ``group``."""
+    if model is None or group is None or group.size() == 1:
+        return False
     weight = _plain_output_weight(model)
-    return group is not None and group.size() > 1 and weight is not None \
-        and weight.shape[0] % group.size() == 0
+    return weight is not None and weight.shape[0] % group.size() == 0
 
 
 def _plain_output_weight(model: nn.Module) -> mx.array | None:
     """The [vocab, hidden] output matrix if it is a plain (unquantized, bias-free) one."""
-    module = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
+    module = getattr(model, "lm_head", None)
+    if module is None:
+        module = getattr(getattr(model, "model", None), "embed_tokens", None)
     if type(module) not in (nn.Linear, nn.Embedding) or "bias" in module:
         return None
     return module.weight

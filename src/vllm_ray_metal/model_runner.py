@@ -87,7 +87,6 @@ class MLXModelRunner:
         else:
             self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
         rope.install(self.model)  # CPU only: one rope table per step instead of per layer
-        rope.install(self.model)  # CPU only: one rope table per step instead of per layer
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",

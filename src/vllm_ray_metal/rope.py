@@ -9,15 +9,46 @@ two probe vectors) and applies them in each layer with three element-wise produc
 Outputs are bitwise the same: ``x1*cos + x2*(-sin)`` rounds like ``x1*cos - x2*sin``.
 
 The model code stays mlx-lm's: :func:`install` only wraps each attention's ``rope``
-attribute, and the tables come from that rope itself, so llama3/yarn/su scaling and
-partial rotary dims need no code here. On Metal, ``mx.fast.rope`` is one fused kernel
-and already cheaper than this, so nothing is installed there.
+attribute, and the tables come from that rope itself (base, scale, llama3 frequencies,
+partial rotary dims). Only ropes that are exactly one ``mx.fast.rope`` call on their
+input are wrapped (``nn.RoPE``, mlx-lm's ``Llama3RoPE`` and ``ProportionalRoPE``); ropes
+that also scale the input (yarn, su-scaled) keep their own code. On Metal,
+``mx.fast.rope`` is one fused kernel and already cheaper than this, so nothing is
+installed there.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+
+def _table_ropes() -> tuple[type, ...]:
+    """Rope classes whose call is exactly ``mx.fast.rope(x, self.dims, ...)``."""
+    from mlx_lm.models import rope_utils
+
+    names = ("Llama3RoPE", "ProportionalRoPE")
+    return (nn.RoPE, *(getattr(rope_utils, n) for n in names if hasattr(rope_utils, n)))
+
+
+def signature(rope: nn.Module) -> str:
+    """What the rope's tables depend on: its class, settings and frequency arrays.
+
+    Layers whose ropes have equal signatures share one table per step (per-layer rope
+    modules of one model are separate objects with equal settings).
+    """
+    parts = [f"{type(rope).__module__}.{type(rope).__qualname__}"]
+    parts += [f"{k}={v!r}" for k, v in sorted(vars(rope).items())
+              if isinstance(v, (bool, int, float, str)) or v is None]
+    for k in sorted(rope.keys()):  # arrays live in the module's dict
+        v = rope[k]
+        digest = hashlib.sha1(np.asarray(v).tobytes()).hexdigest() if isinstance(v, mx.array) \
+            else f"{id(v)}"  # anything else: never shared
+        parts.append(f"{k}={digest}")
+    return "|".join(parts)
 
 
 class StepTables:
@@ -29,13 +60,14 @@ class StepTables:
         self._tables: dict[str, tuple[mx.array, mx.array]] = {}
 
     def get(self, rope: nn.Module, signature: str, offset: mx.array, length: int,
-            dims: int) -> tuple[mx.array, mx.array]:
+            dims: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         key = (id(offset), length, dims)
         if key != self._key:
             self._key, self._offset, self._tables = key, offset, {}
-        if signature not in self._tables:
-            self._tables[signature] = _probe(rope, offset, length, dims)
-        return self._tables[signature]
+        table_key = (signature, dtype)
+        if table_key not in self._tables:
+            self._tables[table_key] = _probe(rope, offset, length, dims, dtype)
+        return self._tables[table_key]
 
 
 def _pair_masks(rope: nn.Module, dims: int) -> tuple[mx.array, mx.array]:
@@ -67,10 +99,13 @@ def _swap_pairs(x: mx.array, rotated: int, traditional: bool) -> mx.array:
     return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
-def _probe(rope: nn.Module, offset: mx.array, length: int, dims: int
+def _probe(rope: nn.Module, offset: mx.array, length: int, dims: int, dtype: mx.Dtype
            ) -> tuple[mx.array, mx.array]:
-    """(diagonal, off-diagonal) of the rope's 2x2 map at every (row, position)."""
-    first, second = _pair_masks(rope, dims)
+    """(diagonal, off-diagonal) of the rope's 2x2 map at every (row, position).
+
+    Probed in the input's dtype: mx.fast.rope rounds its sines and cosines to it.
+    """
+    first, second = (m.astype(dtype) for m in _pair_masks(rope, dims))
     rows = offset.shape[0] if offset.ndim else 1
     shape = (rows, 1, length, dims)
     r1 = rope(mx.broadcast_to(first, shape), offset=offset)  # column of the first element
@@ -87,14 +122,15 @@ class TableRoPE(nn.Module):
         super().__init__()
         self.inner = inner
         self._tables = tables
-        self._signature = f"{type(inner).__module__}.{type(inner).__qualname__}:{inner}"
+        self._signature = signature(inner)
         self._traditional = bool(getattr(inner, "traditional", False))
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if not isinstance(offset, mx.array):  # int offsets: mlx-lm's own caches
             return self.inner(x, offset=offset)
         dims = x.shape[-1]
-        diag, off = self._tables.get(self.inner, self._signature, offset, x.shape[-2], dims)
+        diag, off = self._tables.get(self.inner, self._signature, offset, x.shape[-2], dims,
+                                     x.dtype)
         rotated = getattr(self.inner, "dims", dims)
         out = x * diag + _swap_pairs(x, rotated, self._traditional) * off
         return out.astype(x.dtype)
@@ -105,10 +141,11 @@ def install(model: nn.Module) -> int:
     if mx.default_device() != mx.cpu:
         return 0
     tables = StepTables()
+    kinds = _table_ropes()
     wrapped = 0
     for _, module in model.named_modules():
         inner = getattr(module, "rope", None)
-        if isinstance(inner, nn.Module) and not isinstance(inner, TableRoPE):
+        if type(inner) in kinds:
             module.rope = TableRoPE(inner, tables)
             wrapped += 1
     return wrapped
