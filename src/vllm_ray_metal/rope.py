@@ -57,7 +57,7 @@ class StepTables:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._offset: mx.array | None = None  # kept alive so its id cannot be reused
-        self._tables: dict[str, tuple[mx.array, mx.array]] = {}
+        self._tables: dict[tuple, tuple[mx.array, mx.array]] = {}  # (signature, dtype)
 
     def get(self, rope: nn.Module, signature: str, offset: mx.array, length: int,
             dims: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
