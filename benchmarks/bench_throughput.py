@@ -105,9 +105,7 @@ def child_mlx(levels: list[int], new_tokens: int, repeats: int) -> dict:
 
     from vllm_ray_metal import blas, default_model
 
-    threads = blas.default_threads()  # the same threads and spinning as our one worker
-    blas.set_spin(blas.spin_fits(threads))
-    blas.set_threads(threads)
+    blas.configure()  # the same threads and spinning as our one worker
 
     model, tok = load(default_model())
     curve = {}

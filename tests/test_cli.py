@@ -60,7 +60,8 @@ def test_start_status_stop_roundtrip(tmp_path):
         stop = run(["stop"], env)
     assert "Stopped Ray node 127.0.0.5" in stop.stdout
     # a later plain ray.init() must not try to join the stopped head
-    recorded = Path("/tmp/ray/ray_current_cluster")
+    from vllm_ray_metal.node import RAY_ADDRESS_FILE as recorded
+
     assert not recorded.exists() or recorded.read_text().strip() != f"127.0.0.5:{port}"
     assert not ray_start.is_running() or ray_start.status() == psutil.STATUS_ZOMBIE
     gone, alive = psutil.wait_procs(daemons, timeout=20)

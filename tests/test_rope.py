@@ -44,7 +44,7 @@ def test_layers_with_different_ropes_get_their_own_tables():
     tables = rope.StepTables()  # one per model, shared by every layer
     inners = [nn.RoPE(64, base=10000.0), nn.RoPE(64, base=1000000.0), nn.RoPE(64, scale=0.5)]
     wrapped = [rope.TableRoPE(r, tables) for r in inners]
-    assert len({w._signature for w in wrapped}) == 3
+    assert len({w.signature for w in wrapped}) == 3
     x = mx.array(np.random.default_rng(1).standard_normal((2, 3, 1, 64)).astype(np.float32))
     offsets = mx.array([3, 40], dtype=mx.int32)
     for inner, w in zip(inners, wrapped):

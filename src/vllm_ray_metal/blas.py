@@ -111,8 +111,22 @@ def set_spin(enabled: bool) -> None:
 def spin_fits(threads: int) -> bool:
     """True if every MLX rank on this machine can keep ``threads`` cores busy at once."""
     host_ranks = int(os.environ.get(HOST_RANKS_ENV, "1") or 1)
+    return host_ranks * threads <= _cores()
+
+
+def configure() -> int:
+    """Spinning and thread count for this process's MLX products; the threads set (0: none).
+
+    Call before the process's first matrix product (see :func:`set_spin`).
+    """
+    threads = default_threads()
+    set_spin(spin_fits(threads))
+    return threads if set_threads(threads) else 0
+
+
+def _cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return host_ranks * threads <= (cores or 1)
+    return cores or 1
 
 
 def default_threads() -> int:
@@ -121,5 +135,4 @@ def default_threads() -> int:
     explicit = os.environ.get(THREADS_ENV, "").strip()
     if explicit:
         return max(1, int(explicit))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, ranks_on_node))
+    return max(1, _cores() // max(1, ranks_on_node))

@@ -192,10 +192,9 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         # BLAS thread share: a node's cores go to as many ranks as it has key units (other
         # replicas' workers may hold the ones this executor does not use), at least ours
         nodes = cluster.list_nodes()
-        node_ranks = {n.node_id: max(per_node.get(n.node_id, 0), int(n.units(key)))
-                      for n in nodes}
-        node_ranks.update({node_id: max(node_ranks.get(node_id, 0), count)
-                           for node_id, count in per_node.items()})
+        node_ranks = {n.node_id: int(n.units(key)) for n in nodes}
+        for node_id, count in per_node.items():
+            node_ranks[node_id] = max(node_ranks.get(node_id, 0), count)
         # ... and a machine's cores to every rank its raylets can host (loopback raylets
         # of one host): MKL's threads may spin between products only if none is shared
         host_of = {n.node_id: n.hostname or n.node_id for n in nodes}

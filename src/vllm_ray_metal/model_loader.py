@@ -104,9 +104,9 @@ def compute_logits(model: nn.Module, hidden: mx.array, group=None) -> mx.array:
     per rank for a 1.1B llama with a 49152-token vocabulary; SmolLM2: a fifth of the
     weights).
     """
-    if hidden.ndim == 2 and splits_vocab(model, group):
+    weight = _vocab_split_weight(model, group) if hidden.ndim == 2 else None
+    if weight is not None:
         n, rows = group.size(), hidden.shape[0]
-        weight = _plain_output_weight(model)
         part = weight.shape[0] // n
         local = hidden @ weight[group.rank() * part:(group.rank() + 1) * part].T  # [R, V/n]
         gathered = mx.distributed.all_gather(local, group=group)  # [n * R, V/n], rank order
@@ -118,10 +118,15 @@ def compute_logits(model: nn.Module, hidden: mx.array, group=None) -> mx.array:
 
 def splits_vocab(model: nn.Module, group) -> bool:
     """True if :func:`compute_logits` splits the output projection over ``group``."""
+    return _vocab_split_weight(model, group) is not None
+
+
+def _vocab_split_weight(model: nn.Module, group) -> mx.array | None:
+    """The output matrix if it can be split by vocabulary over ``group``, else None."""
     if model is None or group is None or group.size() == 1:
-        return False
+        return None
     weight = _plain_output_weight(model)
-    return weight is not None and weight.shape[0] % group.size() == 0
+    return weight if weight is not None and weight.shape[0] % group.size() == 0 else None
 
 
 def _plain_output_weight(model: nn.Module) -> mx.array | None:

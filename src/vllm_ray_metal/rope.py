@@ -59,22 +59,21 @@ class StepTables:
         self._offset: mx.array | None = None  # kept alive so its id cannot be reused
         self._tables: dict[tuple, tuple[mx.array, mx.array]] = {}  # (signature, dtype)
 
-    def get(self, rope: nn.Module, signature: str, offset: mx.array, length: int,
-            dims: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    def get(self, wrapper: "TableRoPE", offset: mx.array, length: int, dims: int,
+            dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         key = (id(offset), length, dims)
         if key != self._key:
             self._key, self._offset, self._tables = key, offset, {}
-        table_key = (signature, dtype)
+        table_key = (wrapper.signature, dtype)
         if table_key not in self._tables:
-            self._tables[table_key] = _probe(rope, offset, length, dims, dtype)
+            self._tables[table_key] = _probe(wrapper, offset, length, dims, dtype)
         return self._tables[table_key]
 
 
-def _pair_masks(rope: nn.Module, dims: int) -> tuple[mx.array, mx.array]:
+def _pair_masks(rotated: int, traditional: bool, dims: int) -> tuple[mx.array, mx.array]:
     """0/1 masks of the first and second element of every rotated pair (tail: first)."""
-    rotated = getattr(rope, "dims", dims)
     idx = mx.arange(dims)
-    if getattr(rope, "traditional", False):  # pairs (2i, 2i+1)
+    if traditional:  # pairs (2i, 2i+1)
         second = (idx < rotated) & (idx % 2 == 1)
     else:  # pairs (i, i + rotated/2)
         second = (idx >= rotated // 2) & (idx < rotated)
@@ -99,15 +98,17 @@ def _swap_pairs(x: mx.array, rotated: int, traditional: bool) -> mx.array:
     return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
-def _probe(rope: nn.Module, offset: mx.array, length: int, dims: int, dtype: mx.Dtype
+def _probe(wrapper: "TableRoPE", offset: mx.array, length: int, dims: int, dtype: mx.Dtype
            ) -> tuple[mx.array, mx.array]:
     """(diagonal, off-diagonal) of the rope's 2x2 map at every (row, position).
 
     Probed in the input's dtype: mx.fast.rope rounds its sines and cosines to it.
     """
-    first, second = (m.astype(dtype) for m in _pair_masks(rope, dims))
+    masks = _pair_masks(wrapper.rotated, wrapper.traditional, dims)
+    first, second = (m.astype(dtype) for m in masks)
     rows = offset.shape[0] if offset.ndim else 1
     shape = (rows, 1, length, dims)
+    rope = wrapper.inner
     r1 = rope(mx.broadcast_to(first, shape), offset=offset)  # column of the first element
     r2 = rope(mx.broadcast_to(second, shape), offset=offset)  # column of the second
     diag = r1 * first + r2 * second
@@ -122,17 +123,15 @@ class TableRoPE(nn.Module):
         super().__init__()
         self.inner = inner
         self._tables = tables
-        self._signature = signature(inner)
-        self._traditional = bool(getattr(inner, "traditional", False))
+        self.signature = signature(inner)
+        self.rotated = int(inner.dims)  # the classes install() wraps all have these two
+        self.traditional = bool(inner.traditional)
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         if not isinstance(offset, mx.array):  # int offsets: mlx-lm's own caches
             return self.inner(x, offset=offset)
-        dims = x.shape[-1]
-        diag, off = self._tables.get(self.inner, self._signature, offset, x.shape[-2], dims,
-                                     x.dtype)
-        rotated = getattr(self.inner, "dims", dims)
-        out = x * diag + _swap_pairs(x, rotated, self._traditional) * off
+        diag, off = self._tables.get(self, offset, x.shape[-2], x.shape[-1], x.dtype)
+        out = x * diag + _swap_pairs(x, self.rotated, self.traditional) * off
         return out.astype(x.dtype)
 
 

@@ -37,10 +37,8 @@ class MLXWorker(WorkerBase):
         compat.guard_accelerator_cleanup()  # in-process (uni) executors share our process
         mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
         if not mx.metal.is_available():
-            threads = blas.default_threads()
-            spin = blas.spin_fits(threads)
-            blas.set_spin(spin)  # before this process's first product
-            if blas.set_threads(threads):
+            threads = blas.configure()  # before this process's first product
+            if threads:
                 logger.info("MLX CPU backend: %s with %d thread(s), %s=%s", blas.loaded,
                             threads, blas.BLOCKTIME_ENV, os.environ.get(blas.BLOCKTIME_ENV))
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
