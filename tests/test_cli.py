@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
 
 from ray_cluster import free_port
+from vllm_ray_metal import cluster
 
 CLI = [sys.executable, "-m", "vllm_ray_metal.cli"]
 
@@ -23,6 +25,41 @@ ray.init(address=sys.argv[1], logging_level="ERROR")
 f = ray.remote(num_cpus=0)(lambda: "vllm_ray_metal.worker" in sys.modules)
 print(ray.get(f.remote()))
 """
+
+
+WARM_PROBE = """
+import sys, ray
+from vllm import LLM
+from vllm_ray_metal import RayMetalExecutor, default_model
+ray.init(address=sys.argv[1], logging_level="ERROR")
+llm = LLM(model=default_model(), max_model_len=128, kv_cache_memory_bytes=1 << 26,
+          distributed_executor_backend=RayMetalExecutor)
+executor = llm.llm_engine.engine_core.engine_core.model_executor
+print("WARM", sum(executor._preload_used.values()), executor.worker_pids[0])
+llm.llm_engine.engine_core.shutdown()
+"""
+
+
+def warm_probe(port: int, env: dict) -> tuple[int, int]:
+    """(workers the LLM's executor used on --preload nodes, its rank-0 worker pid)."""
+    out = subprocess.run([sys.executable, "-c", WARM_PROBE, f"127.0.0.5:{port}"],
+                         capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in env.items() if k != "VLLM_HOST_IP"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("WARM ")]
+    assert line, out.stdout[-2000:] + out.stderr[-3000:]
+    return int(line[0].split()[1]), int(line[0].split()[2])
+
+
+def ray_workers(ray_start: psutil.Process) -> dict[int, dict]:
+    """The node's Ray worker processes (pid -> environment), skipping ones that just exited."""
+    out = {}
+    for p in ray_start.children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::"):
+                out[p.pid] = p.environ()
+        except psutil.Error:
+            pass
+    return out
 
 
 def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -56,6 +93,22 @@ def test_start_status_stop_roundtrip(tmp_path):
                                capture_output=True, text=True, timeout=120,
                                env={k: v for k, v in env.items() if k != "VLLM_HOST_IP"})
         assert probe.stdout.strip().endswith("True"), probe.stdout + probe.stderr[-3000:]
+        # an LLM on a --preload node: once shut down, the node pre-starts a replacement
+        # worker, and the next LLM's worker actor is that (warm) process
+        before = set(ray_workers(ray_start))
+        used, first = warm_probe(port, env)
+        assert used == 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = [pid for pid, environ in ray_workers(ray_start).items()
+                   if pid not in before | {first} and cluster.PRELOAD_ENV in environ]
+            if new:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no worker was pre-started after the LLM shut down; "
+                                 f"before {sorted(before)}, now {sorted(ray_workers(ray_start))}")
+        assert warm_probe(port, env) == (1, new[0])
     finally:
         stop = run(["stop"], env)
     assert "Stopped Ray node 127.0.0.5" in stop.stdout
@@ -83,3 +136,14 @@ def test_ray_address_file_is_the_one_ray_writes():
     from vllm_ray_metal import node
 
     assert Path(get_ray_address_file(None)) == node.RAY_ADDRESS_FILE
+
+
+def test_prestart_workers_rpc_is_rays():
+    """cluster.prestart_workers' Ray touch-points: the raylet RPC, its fields, the channel."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    assert callable(init_grpc_channel) and common_pb2.Language.PYTHON == 0
+    assert hasattr(node_manager_pb2_grpc.NodeManagerServiceServicer, "PrestartWorkers")
+    fields = node_manager_pb2.PrestartWorkersRequest.DESCRIPTOR.fields_by_name
+    assert {"language", "num_workers"} <= set(fields)

@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", type=int, help="workers this node may host (default: detected)")
     p.add_argument("--key", help="Ray resource name (default: METAL or $VLLM_RAY_METAL_RAY_KEY)")
     p.add_argument("--preload", action="store_true",
-                   help="have the node's idle Ray workers (num_cpus of them, ~620 MiB each) "
-                   "pre-import vLLM and MLX: the next that many LLM starts skip ~10 s")
+                   help="have the node's idle Ray workers (~620 MiB each) pre-import vLLM "
+                   "and MLX, and replace the ones an LLM used: its starts skip ~10 s")
     p.add_argument("ray_args", nargs=argparse.REMAINDER,
                    help="further `ray start` options, after --")
     p.set_defaults(func=_cmd_start)

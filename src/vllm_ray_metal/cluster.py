@@ -23,7 +23,8 @@ DEFAULT_PLACEMENT_TIMEOUT = 60.0
 # preload_python_modules config), so an MLX worker actor starts in an already-warm
 # process instead of spending ~10 s importing vLLM, torch and MLX. Ray pre-starts
 # num_cpus such workers when the first driver attaches and does not replace them once
-# used, and each holds ~620 MiB (measured on Linux), hence opt-in.
+# used (the executor does, when it shuts down: prestart_workers). Each holds ~620 MiB
+# (measured on Linux), and every Ray worker of the node pays the imports, hence opt-in.
 WORKER_PRELOAD_MODULES = ("vllm_ray_metal.executor", "vllm_ray_metal.worker")
 # Ray touch-point: the raylet config preload_python_modules, as `ray start` reads it from
 # the environment (test_cli.py fails if a --preload node's workers lack the module)
@@ -42,6 +43,7 @@ class NodeInfo:
     is_head: bool
     resources: dict[str, float] = field(default_factory=dict)
     hostname: str = ""  # raylets on distinct addresses of one machine share it
+    manager_port: int = 0  # the raylet's gRPC port (prestart_workers)
 
     def units(self, key: str) -> float:
         return self.resources.get(key, 0.0) if self.alive else 0.0
@@ -71,7 +73,8 @@ def list_nodes() -> list[NodeInfo]:
         res = dict(n.get("Resources") or {})
         nodes.append(NodeInfo(node_id=n["NodeID"], address=n["NodeManagerAddress"],
                               alive=bool(n["Alive"]), is_head="node:__internal_head__" in res,
-                              resources=res, hostname=n.get("NodeManagerHostname", "")))
+                              resources=res, hostname=n.get("NodeManagerHostname", ""),
+                              manager_port=int(n.get("NodeManagerPort") or 0)))
     return nodes
 
 
@@ -142,6 +145,33 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
 def preload_env(enabled: bool) -> dict[str, str]:
     """Environment for `ray start`: with ``enabled``, idle workers import our worker modules."""
     return {PRELOAD_ENV: ",".join(WORKER_PRELOAD_MODULES)} if enabled else {}
+
+
+def is_preloaded() -> bool:
+    """True in a Ray worker of a node started with ``--preload`` (it inherits the env)."""
+    return bool(os.environ.get(PRELOAD_ENV))
+
+
+def prestart_workers(address: str, port: int, count: int, timeout: float = 5.0) -> None:
+    """Ask the raylet at ``address:port`` to start ``count`` idle Python workers now.
+
+    On a ``--preload`` node they import vLLM and MLX while idle, so they replace the warm
+    workers an executor used (Ray itself pre-starts them only when its first driver
+    attaches). Ray's idle-worker policy (at most num_cpus idle) still applies to them.
+    """
+    # Ray touch-points (test_cli.py fails if they change): the raylet's
+    # NodeManagerService.PrestartWorkers RPC and its request fields, over the channel
+    # helper Ray's own state API uses (it adds token auth and TLS when enabled)
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    channel = init_grpc_channel(f"{address}:{port}")
+    try:
+        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+            node_manager_pb2.PrestartWorkersRequest(
+                language=common_pb2.Language.PYTHON, num_workers=count), timeout=timeout)
+    finally:
+        channel.close()
 
 
 def create_placement_group(key: str, world_size: int, timeout: float | None = None):

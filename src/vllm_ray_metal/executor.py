@@ -43,12 +43,14 @@ MQ_SPIN_ENV = "VLLM_RAY_METAL_MQ_SPIN_S"
 class MetalRayWorkerProc(_V["RayWorkerProc"]):
     """The worker actor: upstream's RayWorkerProc plus honest placement reporting."""
 
-    def placement_info(self) -> tuple[str, str, float, int]:
-        """(node id, Ray node address, units of the platform's key assigned to us, pid)."""
+    def placement_info(self) -> tuple[str, str, float, int, bool]:
+        """(node id, Ray node address, units of the platform's key assigned to us, pid,
+        whether this worker's node was started with ``--preload``)."""
         ctx = ray.get_runtime_context()
         key = current_platform.ray_device_key
         units = float(ctx.get_assigned_resources().get(key, 0.0))
-        return ctx.get_node_id(), ray.util.get_node_ip_address(), units, os.getpid()
+        return (ctx.get_node_id(), ray.util.get_node_ip_address(), units, os.getpid(),
+                cluster.is_preloaded())
 
     def get_node_and_physical_gpu_ids(self) -> tuple[str, list[int]]:
         """Upstream's query, answered from assigned resources (no KeyError).
@@ -56,7 +58,7 @@ class MetalRayWorkerProc(_V["RayWorkerProc"]):
         Within one actor only the unit count is known; node-wide ids are assigned by
         the executor. This keeps the method usable for code that calls it directly.
         """
-        node_id, _, units, _ = self.placement_info()
+        node_id, _, units, *_ = self.placement_info()
         return node_id, list(range(int(units)))
 
     def create_dist_init_method(self) -> str:
@@ -201,6 +203,12 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         host_ranks = defaultdict(int)
         for node_id, ranks in node_ranks.items():
             host_ranks[host_of.get(node_id, node_id)] += ranks
+        # workers this executor uses on --preload nodes: replaced by warm ones at shutdown
+        raylet = {n.node_id: (n.address, n.manager_port) for n in nodes}
+        self._preload_used = defaultdict(int)
+        for node_id, *_, preloaded in placements:
+            if preloaded and raylet.get(node_id, ("", 0))[1]:
+                self._preload_used[raylet[node_id]] += 1
         for env, (node_id, *_) in zip(worker_env, placements):
             env[blas.NODE_RANKS_ENV] = str(node_ranks[node_id])
             env[blas.HOST_RANKS_ENV] = str(host_ranks[host_of.get(node_id, node_id)])
@@ -242,6 +250,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         """
         if not ray.is_initialized():  # interpreter exit after ray.shutdown(): all gone
             self.shutting_down = True
+            self._replace_warm_workers()
             return
         if getattr(self, "is_failed", False) and not getattr(self, "_failure", None):
             self._failure = self.failure_message()  # before shutdown kills the others
@@ -256,6 +265,20 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
                 logger.debug("Could not remove placement group", exc_info=True)
             if self.parallel_config.placement_group is pg:
                 self.parallel_config.placement_group = None
+        self._replace_warm_workers()
+
+    def _replace_warm_workers(self) -> None:
+        """Have each --preload node start as many idle (warm) workers as this executor used.
+
+        Ray pre-starts warm workers once, when its first driver attaches; without this
+        only the first scripts on a node would start warm (bench_startup.py measures it).
+        """
+        used, self._preload_used = getattr(self, "_preload_used", {}), {}
+        for (address, port), count in used.items():
+            try:
+                cluster.prestart_workers(address, port, count)
+            except Exception as exc:  # the node may be gone; next start is cold, not broken
+                logger.debug("Could not prestart workers on %s: %s", address, exc)
 
     def failure_message(self) -> str:
         """Which MLX worker died and where, for the error the caller sees."""
@@ -294,7 +317,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
     def _assign_local_ranks(self, placements: list[tuple], key: str) -> list[str]:
         """Local rank = order among this executor's workers on the same node."""
         seen: dict[str, int] = defaultdict(int)
-        for handle, (node_id, address, units, _) in zip(self.ray_worker_handles, placements):
+        for handle, (node_id, address, units, *_) in zip(self.ray_worker_handles, placements):
             if units <= 0:
                 raise cluster.PlacementError(
                     f"Worker rank {handle.rank} on {address} was placed without any {key!r} "
