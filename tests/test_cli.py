@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -143,7 +144,8 @@ def test_prestart_workers_rpc_is_rays():
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
 
-    assert callable(init_grpc_channel) and common_pb2.Language.PYTHON == 0
+    assert list(inspect.signature(init_grpc_channel).parameters)[0] == "address"
+    assert common_pb2.Language.PYTHON == 0
     assert hasattr(node_manager_pb2_grpc.NodeManagerServiceServicer, "PrestartWorkers")
     fields = node_manager_pb2.PrestartWorkersRequest.DESCRIPTOR.fields_by_name
     assert {"language", "num_workers"} <= set(fields)

@@ -152,12 +152,13 @@ def is_preloaded() -> bool:
     return bool(os.environ.get(PRELOAD_ENV))
 
 
-def prestart_workers(address: str, port: int, count: int, timeout: float = 5.0) -> None:
+def prestart_workers(address: str, port: int, count: int, timeout: float = 2.0) -> None:
     """Ask the raylet at ``address:port`` to start ``count`` idle Python workers now.
 
     On a ``--preload`` node they import vLLM and MLX while idle, so they replace the warm
     workers an executor used (Ray itself pre-starts them only when its first driver
-    attaches). Ray's idle-worker policy (at most num_cpus idle) still applies to them.
+    attaches). The raylet answers once the starts are queued. Ray's idle-worker reaper
+    still applies: on a node with more idle workers than it keeps, some may be stopped.
     """
     # Ray touch-points (test_cli.py fails if they change): the raylet's
     # NodeManagerService.PrestartWorkers RPC and its request fields, over the channel

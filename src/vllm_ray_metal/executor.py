@@ -205,10 +205,11 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
             host_ranks[host_of.get(node_id, node_id)] += ranks
         # workers this executor uses on --preload nodes: replaced by warm ones at shutdown
         raylet = {n.node_id: (n.address, n.manager_port) for n in nodes}
-        self._preload_used = defaultdict(int)
+        self._preload_used: dict[tuple[str, int], int] = defaultdict(int)
         for node_id, *_, preloaded in placements:
-            if preloaded and raylet.get(node_id, ("", 0))[1]:
-                self._preload_used[raylet[node_id]] += 1
+            where = raylet.get(node_id)
+            if preloaded and where and where[1]:
+                self._preload_used[where] += 1
         for env, (node_id, *_) in zip(worker_env, placements):
             env[blas.NODE_RANKS_ENV] = str(node_ranks[node_id])
             env[blas.HOST_RANKS_ENV] = str(host_ranks[host_of.get(node_id, node_id)])
@@ -248,7 +249,7 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         lives on, so the group this executor created is removed here, and the next
         ``LLM(...)`` in the same process can be placed.
         """
-        if not ray.is_initialized():  # interpreter exit after ray.shutdown(): all gone
+        if not ray.is_initialized():  # interpreter exit after ray.shutdown(): actors gone
             self.shutting_down = True
             self._replace_warm_workers()
             return
@@ -274,6 +275,9 @@ class RayMetalExecutor(_V["RayExecutorV2"]):
         only the first scripts on a node would start warm (bench_startup.py measures it).
         """
         used, self._preload_used = getattr(self, "_preload_used", {}), {}
+        if used and ray.is_initialized():  # skip nodes Ray knows are dead
+            alive = {(n.address, n.manager_port) for n in cluster.list_nodes() if n.alive}
+            used = {where: count for where, count in used.items() if where in alive}
         for (address, port), count in used.items():
             try:
                 cluster.prestart_workers(address, port, count)

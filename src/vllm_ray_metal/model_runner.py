@@ -87,11 +87,12 @@ class MLXModelRunner:
         else:
             self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
         rope.install(self.model)  # CPU only: one rope table per step instead of per layer
-        swiglu.install(self.model)  # CPU only, float32: SwiGLU's exp through numpy
+        numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
-        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights)",
-                    self.model_config.model, self.weight_bytes / 2**20)
+        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights; %d SwiGLU layer(s) take "
+                    "numpy's activation)", self.model_config.model, self.weight_bytes / 2**20,
+                    numpy_mlps)
 
     def stage_layers(self) -> tuple[int, int]:
         """[start, end) of the decoder layers this rank runs."""
