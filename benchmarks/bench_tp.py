@@ -41,7 +41,10 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "(403 MB -> 201 MB read a step); with that and the per-step rope tables the ratio went "
         "from 1.32 (end to end, 2026-11-27 morning) to the figure above. Prefix caching is on "
         "(vLLM's default), so after the warm-up the prompts are cached in every timed run: "
-        "the end-to-end figure holds little prefill.")
+        "the end-to-end figure holds little prefill. SwiGLU's activation runs in numpy on both "
+        "sides (swiglu.py; 4 rows x 5632 or 2816 gate elements); with it the decode ratio was "
+        "1.66 in the 2026-11-27 afternoon run (per-repeat 1.56-1.76), 1.53 in the morning "
+        "without it, with every rate ~20% lower in the afternoon (the machine, all systems).")
 
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
