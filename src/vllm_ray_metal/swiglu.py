@@ -14,8 +14,9 @@ ms), even at 4, and faster by 8% at 8, 18% at 16 and 22% at 32 rows (163 -> 134 
 
 The model code stays mlx-lm's: :func:`install` wraps each decoder layer's ``mlp`` when it
 has ``gate_proj``/``up_proj``/``down_proj`` and a probe shows that its activation is
-``silu(gate_proj(x)) * up_proj(x)`` (GELU or clamped variants keep their own code). The wrapper calls the module's own projections, sharded or quantized ones
-included, and only replaces the activation. Only float32 activations take the numpy
+``silu(gate_proj(x)) * up_proj(x)`` (GELU or clamped variants keep their own code).
+The wrapper calls the module's own projections, sharded or quantized ones included, and
+only replaces the activation. Only float32 activations take the numpy
 path (numpy has no bfloat16, and its float16 ``exp`` is not vectorised). Results agree
 with MLX's to a few ulps, not bitwise (two ``exp`` implementations); since the path
 depends on the step's size, a request's activations can differ by an ulp between running
