@@ -54,15 +54,13 @@ class NumpySwiGLU(nn.Module):
         super().__init__()
         self.inner = inner
         self.min_elements = min_elements
+        self.width = inner.gate_proj.weight.shape[0]  # output features (this rank's share)
 
     def __call__(self, x: mx.array) -> mx.array:
         mlp = self.inner
-        if x.dtype != mx.float32:
+        if x.dtype != mx.float32 or x.size // x.shape[-1] * self.width < self.min_elements:
             return mlp(x)
-        gate = mlp.gate_proj(x)  # lazy: nothing is computed twice if MLX's path is taken
-        if gate.size < self.min_elements:
-            return mlp(x)
-        return mlp.down_proj(silu_mul(gate, mlp.up_proj(x)))
+        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 class _Identity(nn.Module):
