@@ -82,3 +82,26 @@ def test_layout_never_reads_other_sequences():
     assert mask[0, 1].tolist() == [True] * 5
     assert mask[1, 0].tolist() == [True, False, False, False, False]
     assert np.asarray(layout.write_slots).tolist() == [31, 32, 36, 0]  # padding -> null block
+
+
+def test_fully_visible_decode_has_no_mask_and_attends_the_same(model):
+    """Rows whose queries see their whole context drop the mask; the logits do not change."""
+    layout = build_layout([5, 5], [1, 1], [[1, 2], [3, 4]], BLOCK)
+    assert layout.mask is None  # decode rows with equal contexts
+    assert build_layout([5, 3], [1, 1], [[1, 2], [3]], BLOCK).mask is not None
+    cache = make_pool(model).layer_caches(layout)[0]
+    assert cache.make_mask(1) is None
+    full = cache.make_mask(1, return_array=True)  # for callers that combine masks
+    assert full.shape == (2, 1, 1, 6) and full.all().item()
+
+    tokens = np.random.default_rng(3).integers(3, 40000, size=6).tolist()
+    logits = []
+    for explicit in (False, True):
+        pool = make_pool(model)
+        paged_logits(model, pool, [tokens[:5]], [2, 7])
+        step = build_layout([5], [1], [[2, 7]], BLOCK)
+        if explicit:
+            step.mask = mx.ones((1, 1, 1, 6), dtype=mx.bool_)
+        h = model.model(mx.array([tokens[5:]]), cache=pool.layer_caches(step))
+        logits.append(model_loader.compute_logits(model, h))
+    assert mx.array_equal(logits[0], logits[1]).item()

@@ -27,9 +27,10 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 ], ids=["half", "traditional", "partial", "partial-traditional-scaled", "llama3"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16],
                          ids=["fp32", "bf16", "fp16"])
-def test_tables_equal_fast_rope(make, dtype):
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
+def test_tables_equal_fast_rope(make, dtype, compiled):
     inner = make()
-    wrapped = rope.TableRoPE(inner, rope.StepTables())
+    wrapped = rope.TableRoPE(inner, rope.StepTables(), compiled)
     rng = np.random.default_rng(0)
     offsets = mx.array([0, 5, 130, 2047], dtype=mx.int32)
     for length in (1, 7):

@@ -38,7 +38,9 @@ class BatchLayout:
     offsets: mx.array  # [B] int32: position of each row's first new token
     write_slots: mx.array  # [B*L] int32: slot for every (row, new token), padding -> null
     read_slots: mx.array  # [B, C] int32: slot for every context position, padding -> null
-    mask: mx.array  # [B, 1, L, C] bool: which context positions each query may see
+    mask: mx.array | None  # [B, 1, L, C] bool: which context positions each query may see
+    # (None when every query sees its row's whole context: decode steps of rows with equal
+    # contexts, e.g. one sequence; attention then skips the mask's ~5 primitives a layer)
     blocks_needed: int  # highest block id referenced + 1 (MLX does not bound-check)
 
 
@@ -84,7 +86,7 @@ def build_layout(starts: list[int], lengths: list[int], block_tables: list[list[
         offsets=mx.array(starts_np.astype(np.int32)),
         write_slots=mx.array(write.reshape(-1)),
         read_slots=mx.array(read),
-        mask=mx.array(visible[:, None, :, :]),
+        mask=None if visible.all() else mx.array(visible[:, None, :, :]),
         blocks_needed=int(table.max()) + 1,
     )
 
@@ -176,7 +178,11 @@ class PagedLayerCache:
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         if window_size:  # model_loader rejects sliding-window models before we get here
             raise NotImplementedError("sliding-window attention is not supported")
-        return self.layout.mask
+        mask = self.layout.mask
+        if mask is None and return_array:  # the caller combines masks: spell "all visible"
+            rows, ctx = self.layout.read_slots.shape
+            mask = mx.ones((rows, 1, n, ctx), dtype=mx.bool_)
+        return mask
 
     def is_trimmable(self) -> bool:  # part of mlx-lm's cache protocol; never trimmed here
         return False

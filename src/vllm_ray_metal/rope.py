@@ -10,7 +10,10 @@ Outputs are bitwise the same: ``x1*cos + x2*(-sin)`` rounds like ``x1*cos - x2*s
 
 The model code stays mlx-lm's: :func:`install` only wraps each attention's ``rope``
 attribute, and the tables come from that rope itself (base, scale, llama3 frequencies,
-partial rotary dims). Only ropes that are exactly one ``mx.fast.rope`` call on their
+partial rotary dims). In a decode step (one new token a row) the products run as one
+``mx.compile``d function, fusing six element-wise primitives a call into one kernel; prefill
+chunks keep the plain ops, so the compile cache holds one entry per batch size instead of
+one per prompt length. Only ropes that are exactly one ``mx.fast.rope`` call on their
 input are wrapped (``nn.RoPE``, mlx-lm's ``Llama3RoPE`` and ``ProportionalRoPE``); ropes
 that also scale the input (yarn, su-scaled) keep their own code. On Metal,
 ``mx.fast.rope`` is one fused kernel and already cheaper than this, so nothing is
@@ -24,6 +27,8 @@ import hashlib
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from vllm_ray_metal.rmsnorm import compiler_works
 
 
 def _table_ropes() -> tuple[type, ...]:
@@ -116,12 +121,21 @@ def _probe(wrapper: "TableRoPE", offset: mx.array, length: int, dims: int, dtype
     return diag, off
 
 
+def _rotate(x: mx.array, diag: mx.array, off: mx.array, rotated: int, traditional: bool
+            ) -> mx.array:
+    return (x * diag + _swap_pairs(x, rotated, traditional) * off).astype(x.dtype)
+
+
+_rotate_compiled = mx.compile(_rotate)  # ints and bools are compile-time constants
+
+
 class TableRoPE(nn.Module):
     """Drop-in for an mlx-lm rope module: same call, tables from :class:`StepTables`."""
 
-    def __init__(self, inner: nn.Module, tables: StepTables) -> None:
+    def __init__(self, inner: nn.Module, tables: StepTables, compiled: bool = False) -> None:
         super().__init__()
         self.inner = inner
+        self.compiled = compiled  # fuse the products of decode steps (needs MLX's compiler)
         self._tables = tables
         self.signature = signature(inner)
         self.rotated = int(inner.dims)  # the classes install() wraps all have these two
@@ -131,8 +145,8 @@ class TableRoPE(nn.Module):
         if not isinstance(offset, mx.array):  # int offsets: mlx-lm's own caches
             return self.inner(x, offset=offset)
         diag, off = self._tables.get(self, offset, x.shape[-2], x.shape[-1], x.dtype)
-        out = x * diag + _swap_pairs(x, self.rotated, self.traditional) * off
-        return out.astype(x.dtype)
+        rotate = _rotate_compiled if self.compiled and x.shape[-2] == 1 else _rotate
+        return rotate(x, diag, off, self.rotated, self.traditional)
 
 
 def install(model: nn.Module) -> int:
@@ -141,10 +155,8 @@ def install(model: nn.Module) -> int:
         return 0
     tables = StepTables()
     kinds = _table_ropes()
-    wrapped = 0
-    for _, module in model.named_modules():
-        inner = getattr(module, "rope", None)
-        if type(inner) in kinds:
-            module.rope = TableRoPE(inner, tables)
-            wrapped += 1
-    return wrapped
+    targets = [m for _, m in model.named_modules() if type(getattr(m, "rope", None)) in kinds]
+    compiled = bool(targets) and compiler_works()
+    for module in targets:
+        module.rope = TableRoPE(module.rope, tables, compiled)
+    return len(targets)

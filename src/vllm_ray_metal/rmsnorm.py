@@ -1,0 +1,69 @@
+"""RMSNorm as one compiled MLX function, for MLX's CPU backend.
+
+On the CPU, ``mx.fast.rms_norm`` has no fused kernel: it expands into 13 primitives
+(square, sum, broadcasts, multiplies, rsqrt). A single-sequence decode step is ~3,300 MLX
+primitives, each costing a few microseconds of dispatch whatever its size, and SmolLM2's
+61 norms are ~800 of them. ``mx.compile`` fuses the element-wise chain into generated
+C++ kernels (built once per machine by the system compiler and cached in MLX's temporary
+directory), leaving ~3 primitives a norm. The result is bitwise the same (tested).
+
+The model code stays mlx-lm's: :func:`install` replaces each plain ``nn.RMSNorm`` child
+(exact type only; Gemma-style ``1 + weight`` norms keep their own code) with
+:class:`CompiledRMSNorm`, which keeps the weight under the same name. On Metal nothing is
+installed: ``mx.fast.rms_norm`` is one fused GPU kernel there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import mlx.nn as nn
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+_COMPILED: dict[float, object] = {}  # eps -> compiled norm (shapeless: one trace per eps)
+
+
+def compiled_norm(eps: float):
+    """The shapeless compiled ``rms_norm(x, weight, eps)`` for one ``eps``."""
+    if eps not in _COMPILED:
+        _COMPILED[eps] = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
+    return _COMPILED[eps]
+
+
+class CompiledRMSNorm(nn.Module):
+    """Drop-in for ``nn.RMSNorm``: same ``weight`` and ``eps``, compiled call."""
+
+    def __init__(self, inner: nn.RMSNorm) -> None:
+        super().__init__()
+        self.weight = inner.weight
+        self.eps = inner.eps
+        self._norm = compiled_norm(inner.eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._norm(x, self.weight)
+
+
+def compiler_works(dtype: mx.Dtype = mx.float32) -> bool:
+    """Whether MLX can build a fused CPU kernel here (it needs a C++ compiler at run time)."""
+    try:
+        x = mx.ones((1, 1, 8), dtype)
+        mx.eval(compiled_norm(1e-5)(x, mx.ones((8,), dtype)))
+        return True
+    except Exception as exc:  # MLX raises RuntimeError when the compiler is missing
+        logger.warning("MLX cannot compile fused CPU kernels (%s); RMSNorm stays unfused", exc)
+        return False
+
+
+def install(model: nn.Module) -> int:
+    """Replace every plain ``nn.RMSNorm`` in ``model`` (CPU only); return how many."""
+    if mx.default_device() != mx.cpu:
+        return 0
+    targets = [(module, name, child) for _, module in model.named_modules()
+               for name, child in module.items() if type(child) is nn.RMSNorm]
+    if not targets or not compiler_works():
+        return 0
+    for module, name, child in targets:
+        setattr(module, name, CompiledRMSNorm(child))
+    return len(targets)
