@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import compat, model_loader, pipeline, rmsnorm, rope, sampler, swiglu
+from vllm_ray_metal import compat, jit, model_loader, pipeline, rmsnorm, rope, sampler, swiglu
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -89,6 +89,7 @@ class MLXModelRunner:
         rope.install(self.model)  # CPU only: one rope table per step instead of per layer
         numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
         rmsnorm.install(self.model)  # CPU: each RMSNorm one compiled call, not 13 primitives
+        jit.prebuild(self.model, self.dtype)  # build those kernels now, one process at a time
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights; %d SwiGLU layer(s) take "

@@ -5,7 +5,7 @@ On the CPU, ``mx.fast.rms_norm`` has no fused kernel: it expands into 13 primiti
 primitives, each costing a few microseconds of dispatch whatever its size, and SmolLM2's
 61 norms are ~800 of them. ``mx.compile`` fuses the element-wise chain into generated
 C++ kernels (built once per machine by the system compiler and cached in MLX's temporary
-directory), leaving ~3 primitives a norm. The result is bitwise the same (tested).
+directory; see jit.py), leaving ~3 primitives a norm. The result is bitwise the same (tested).
 
 The model code stays mlx-lm's: :func:`install` replaces each plain ``nn.RMSNorm`` child
 (exact type only; Gemma-style ``1 + weight`` norms keep their own code) with
@@ -15,12 +15,10 @@ installed: ``mx.fast.rms_norm`` is one fused GPU kernel there.
 
 from __future__ import annotations
 
-import logging
-
 import mlx.core as mx
 import mlx.nn as nn
 
-logger = logging.getLogger(f"vllm.{__name__}")
+from vllm_ray_metal import jit
 
 _COMPILED: dict[float, object] = {}  # eps -> compiled norm (shapeless: one trace per eps)
 
@@ -45,24 +43,13 @@ class CompiledRMSNorm(nn.Module):
         return self._norm(x, self.weight)
 
 
-def compiler_works(dtype: mx.Dtype = mx.float32) -> bool:
-    """Whether MLX can build a fused CPU kernel here (it needs a C++ compiler at run time)."""
-    try:
-        x = mx.ones((1, 1, 8), dtype)
-        mx.eval(compiled_norm(1e-5)(x, mx.ones((8,), dtype)))
-        return True
-    except Exception as exc:  # MLX raises RuntimeError when the compiler is missing
-        logger.warning("MLX cannot compile fused CPU kernels (%s); RMSNorm stays unfused", exc)
-        return False
-
-
 def install(model: nn.Module) -> int:
     """Replace every plain ``nn.RMSNorm`` in ``model`` (CPU only); return how many."""
     if mx.default_device() != mx.cpu:
         return 0
     targets = [(module, name, child) for _, module in model.named_modules()
                for name, child in module.items() if type(child) is nn.RMSNorm]
-    if not targets or not compiler_works():
+    if not targets or not jit.compiler_works():
         return 0
     for module, name, child in targets:
         setattr(module, name, CompiledRMSNorm(child))

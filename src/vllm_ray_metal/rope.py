@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vllm_ray_metal.rmsnorm import compiler_works
+from vllm_ray_metal.jit import compiler_works
 
 
 def _table_ropes() -> tuple[type, ...]:

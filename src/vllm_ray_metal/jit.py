@@ -1,0 +1,95 @@
+"""Building MLX's fused CPU kernels: compiler check, cross-process lock, pre-building.
+
+On the CPU, ``mx.compile`` turns a chain of element-wise ops into C++ source, builds it
+with ``g++`` (~1 s a kernel; without ``g++`` MLX runs the ops unfused) and caches the library in
+``<tmp>/mlx/<version>/cpu/``, shared by every process of the machine. MLX checks whether
+the library file exists and otherwise writes the source and runs the compiler in place,
+with nothing to stop another process from doing the same at once. Tensor-parallel ranks
+starting together would race there: one could load the other's half-written library.
+
+So the runner builds, before its first forward, every kernel variant its compiled
+wrappers (rmsnorm.py, rope.py) and mlx-lm's own compiled ``swiglu`` use, one process at a
+time under :func:`kernel_lock`. A
+variant is fixed by dtype, constants and the layout left after MLX merges contiguous
+dimensions; the inputs below have the layouts of a model's real calls (tested: a model's
+decode and prefill steps build nothing new after :func:`prebuild`). Those calls have no
+collectives, so holding the lock cannot stall a rank that waits in an all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+
+@contextlib.contextmanager
+def kernel_lock() -> Iterator[None]:
+    """Hold an exclusive lock next to MLX's kernel cache (released if the holder dies)."""
+    root = os.path.join(tempfile.gettempdir(), "mlx")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".vllm-ray-metal-build.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def compiler_works() -> bool:
+    """Whether a compiled function runs here.
+
+    Without ``g++`` on the PATH MLX runs compiled functions unfused (still correct); this
+    catches a compiler that is there but fails, so the wrappers are not installed then.
+    """
+    probe = mx.compile(lambda x: mx.sqrt(x * x + 1.0))
+    try:
+        with kernel_lock():
+            mx.eval(probe(mx.ones((8,))))
+        return True
+    except Exception as exc:  # MLX raises RuntimeError when the build fails
+        logger.warning("MLX cannot build fused CPU kernels (%s); RMSNorm and rope keep "
+                       "their unfused ops", exc)
+        return False
+
+
+def prebuild(model: nn.Module, dtype: mx.Dtype) -> int:
+    """Build the kernels of ``model``'s compiled wrappers now; return how many calls ran.
+
+    ``dtype`` is the activations' dtype (the model's, also when its weights are quantized).
+    """
+    from mlx_lm.models.activations import swiglu
+
+    from vllm_ray_metal.rmsnorm import CompiledRMSNorm
+    from vllm_ray_metal.rope import TableRoPE
+
+    calls = []
+    for _, module in model.named_modules():
+        if isinstance(module, CompiledRMSNorm):
+            # the residual stream: contiguous [B, L, hidden]; one row, or several
+            width = module.weight.shape[0]
+            calls += [module(mx.zeros((rows, 1, width), dtype)) for rows in (1, 2)]
+        if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            # mlx-lm's SwiGLU MLPs call its shapeless compiled swiglu on contiguous products
+            calls.append(swiglu(mx.zeros((1, 1, 8), dtype), mx.zeros((1, 1, 8), dtype)))
+        rope = getattr(module, "rope", None)
+        if isinstance(rope, TableRoPE) and rope.compiled and hasattr(module, "head_dim"):
+            # decode queries and keys: [B, 1, heads, dim] projections seen as [B, heads, 1, dim]
+            heads = {getattr(module, "n_heads", 2), getattr(module, "n_kv_heads", 2)}
+            for rows in (1, 2):
+                offset = mx.zeros((rows,), dtype=mx.int32)
+                for n in heads:
+                    x = mx.zeros((rows, 1, n, module.head_dim), dtype).transpose(0, 2, 1, 3)
+                    calls.append(rope(x, offset=offset))
+    if calls:
+        with kernel_lock():
+            mx.eval(calls)
+    return len(calls)

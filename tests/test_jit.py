@@ -1,0 +1,71 @@
+"""Building MLX's fused CPU kernels: pre-building covers real steps; no g++, no build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                reason="fused CPU kernels are built on the CPU only")
+
+SCRIPT = r"""
+import glob, json, os
+import mlx.core as mx
+from mlx_lm.models import llama
+from vllm_ray_metal import jit, rmsnorm, rope
+from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+
+args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                       intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       rms_norm_eps=1e-5, vocab_size=97, tie_word_embeddings=False)
+model = llama.Model(args)
+mx.eval(model.parameters())
+result = {"ropes": rope.install(model), "norms": rmsnorm.install(model),
+          "compiled_ropes": sum(l.self_attn.rope.compiled for l in model.layers)}
+
+def libraries():
+    pattern = os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so")
+    return sorted(os.path.basename(p) for p in glob.glob(pattern))
+
+result["calls"] = jit.prebuild(model, mx.float32)
+result["prebuilt"] = libraries()
+pool = PagedKVPool(2, 16, 4, 2, 16, mx.float32)
+steps = [([0], [5], [[1, 2]]), ([0, 0], [3, 2], [[3], [4]]),  # prefill chunks
+         ([5], [1], [[1, 2]]), ([3, 2], [1, 1], [[3], [4]]),  # decode: 1 row, 2 rows
+         ([6, 4, 3], [1, 1, 1], [[1, 2], [3, 5], [4]])]        # 3 rows
+for starts, lengths, tables in steps:
+    layout = build_layout(starts, lengths, tables, 4)
+    tokens = mx.zeros((len(starts), max(lengths)), dtype=mx.int32)
+    mx.eval(model.model(tokens, cache=pool.layer_caches(layout)))
+result["after_steps"] = libraries()
+print("RESULT", json.dumps(result))
+"""
+
+
+def run(tmp_path, path: str | None = None) -> dict:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a kernel cache of its own
+    if path is not None:
+        env["PATH"] = path
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_prebuild_builds_every_kernel_real_steps_use(tmp_path):
+    got = run(tmp_path)
+    assert got["norms"] == 5 and got["ropes"] == 2 and got["compiled_ropes"] == 2
+    assert got["calls"] > 0 and got["prebuilt"]  # something was built, in this cache
+    assert got["after_steps"] == got["prebuilt"]  # ...and nothing new by real steps
+
+
+def test_without_a_compiler_the_model_runs_unfused(tmp_path):
+    got = run(tmp_path, path=str(tmp_path / "no-compiler-here"))  # no g++ on the PATH
+    assert got["norms"] == 5 and got["compiled_ropes"] == 2  # installed, harmless:
+    assert got["prebuilt"] == [] and got["after_steps"] == []  # MLX runs them unfused
