@@ -16,14 +16,20 @@ pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
 SCRIPT = r"""
 import glob, json, os
 import mlx.core as mx
-from mlx_lm.models import llama
+import sys
+from mlx_lm.models import llama, qwen3
 from vllm_ray_metal import jit, rmsnorm, rope
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
-args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
-                       intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       rms_norm_eps=1e-5, vocab_size=97, tie_word_embeddings=False)
-model = llama.Model(args)
+family, kv_heads = sys.argv[1], int(sys.argv[2])
+common = dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+              num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
+              vocab_size=97, tie_word_embeddings=False)
+if family == "qwen3":  # keeps head_dim as a local only; q_norm/k_norm on heads
+    model = qwen3.Model(qwen3.ModelArgs(**common, max_position_embeddings=512, head_dim=16,
+                                             rope_theta=10000.0))
+else:
+    model = llama.Model(llama.ModelArgs(**common))
 mx.eval(model.parameters())
 result = {"ropes": rope.install(model), "norms": rmsnorm.install(model),
           "compiled_ropes": sum(l.self_attn.rope.compiled for l in model.layers)}
@@ -32,9 +38,10 @@ def libraries():
     pattern = os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so")
     return sorted(os.path.basename(p) for p in glob.glob(pattern))
 
+result["before"] = libraries()  # the compiler probe's
 result["calls"] = jit.prebuild(model, mx.float32)
 result["prebuilt"] = libraries()
-pool = PagedKVPool(2, 16, 4, 2, 16, mx.float32)
+pool = PagedKVPool(2, 16, 4, kv_heads, 16, mx.float32)
 steps = [([0], [5], [[1, 2]]), ([0, 0], [3, 2], [[3], [4]]),  # prefill chunks
          ([5], [1], [[1, 2]]), ([3, 2], [1, 1], [[3], [4]]),  # decode: 1 row, 2 rows
          ([6, 4, 3], [1, 1, 1], [[1, 2], [3, 5], [4]])]        # 3 rows
@@ -47,22 +54,27 @@ print("RESULT", json.dumps(result))
 """
 
 
-def run(tmp_path, path: str | None = None) -> dict:
+def run(tmp_path, family: str = "llama", kv_heads: int = 2, path: str | None = None) -> dict:
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # a kernel cache of its own
     if path is not None:
         env["PATH"] = path
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, family, str(kv_heads)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_prebuild_builds_every_kernel_real_steps_use(tmp_path):
-    got = run(tmp_path)
-    assert got["norms"] == 5 and got["ropes"] == 2 and got["compiled_ropes"] == 2
-    assert got["calls"] > 0 and got["prebuilt"]  # something was built, in this cache
-    assert got["after_steps"] == got["prebuilt"]  # ...and nothing new by real steps
+@pytest.mark.parametrize("family, kv_heads, norms", [
+    ("llama", 2, 5),  # two a layer and the final norm
+    ("llama", 1, 5),  # one KV head: keys are contiguous, another kernel layout
+    ("qwen3", 2, 9),  # + q_norm and k_norm a layer
+])
+def test_prebuild_builds_every_kernel_real_steps_use(tmp_path, family, kv_heads, norms):
+    got = run(tmp_path, family, kv_heads)
+    assert got["norms"] == norms and got["ropes"] == 2 and got["compiled_ropes"] == 2
+    assert got["calls"] > 0 and set(got["prebuilt"]) > set(got["before"])  # it built some
+    assert got["after_steps"] == got["prebuilt"]  # ...and real steps build nothing new
 
 
 def test_without_a_compiler_the_model_runs_unfused(tmp_path):

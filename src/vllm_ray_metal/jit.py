@@ -12,8 +12,10 @@ wrappers (rmsnorm.py, rope.py) and mlx-lm's own compiled ``swiglu`` use, one pro
 time under :func:`kernel_lock`. A
 variant is fixed by dtype, constants and the layout left after MLX merges contiguous
 dimensions; the inputs below have the layouts of a model's real calls (tested: a model's
-decode and prefill steps build nothing new after :func:`prebuild`). Those calls have no
-collectives, so holding the lock cannot stall a rank that waits in an all-reduce.
+decode and prefill steps of llama and qwen3 build nothing new after :func:`prebuild`).
+Those calls have no collectives, so holding the lock cannot stall a rank that waits in an
+all-reduce. Other compiled activations some mlx-lm families use (e.g. ``nn.gelu_approx``)
+are still built on first use; a rope whose head layout cannot be read is not compiled.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ import mlx.nn as nn
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
+NORM_SHAPES = ((1, 1), (2, 1), (1, 1, 2), (2, 1, 2), (1, 3, 2), (2, 3, 2))  # before the width
+
 
 @contextlib.contextmanager
 def kernel_lock() -> Iterator[None]:
-    """Hold an exclusive lock next to MLX's kernel cache (released if the holder dies)."""
+    """Hold an exclusive lock next to MLX's kernel cache (released if the holder dies).
+
+    Not re-entrant: a process that takes it twice waits on itself.
+    """
     root = os.path.join(tempfile.gettempdir(), "mlx")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".vllm-ray-metal-build.lock"), "a") as handle:
@@ -65,31 +72,58 @@ def prebuild(model: nn.Module, dtype: mx.Dtype) -> int:
     """Build the kernels of ``model``'s compiled wrappers now; return how many calls ran.
 
     ``dtype`` is the activations' dtype (the model's, also when its weights are quantized).
+    On Metal, MLX builds its kernels in-process, so there is nothing to do.
     """
+    if mx.default_device() != mx.cpu:
+        return 0
     from mlx_lm.models.activations import swiglu
 
     from vllm_ray_metal.rmsnorm import CompiledRMSNorm
     from vllm_ray_metal.rope import TableRoPE
 
     calls = []
+    seen: set[tuple] = set()  # identical calls build nothing new
     for _, module in model.named_modules():
-        if isinstance(module, CompiledRMSNorm):
-            # the residual stream: contiguous [B, L, hidden]; one row, or several
+        if isinstance(module, CompiledRMSNorm) and ("norm", module.eps) not in seen:
+            # the residual stream [B, L, hidden], and per-head norms (qwen3's q_norm and
+            # k_norm) on [B, L, heads, dim]: MLX builds a variant per layout it is left with
+            seen.add(("norm", module.eps))
             width = module.weight.shape[0]
-            calls += [module(mx.zeros((rows, 1, width), dtype)) for rows in (1, 2)]
-        if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            calls += [module(mx.zeros(shape + (width,), dtype)) for shape in NORM_SHAPES]
+        if hasattr(module, "gate_proj") and hasattr(module, "up_proj") and "swiglu" not in seen:
             # mlx-lm's SwiGLU MLPs call its shapeless compiled swiglu on contiguous products
+            seen.add("swiglu")
             calls.append(swiglu(mx.zeros((1, 1, 8), dtype), mx.zeros((1, 1, 8), dtype)))
         rope = getattr(module, "rope", None)
-        if isinstance(rope, TableRoPE) and rope.compiled and hasattr(module, "head_dim"):
+        if isinstance(rope, TableRoPE) and rope.compiled:
+            layouts = _decode_head_layouts(module)
+            if layouts is None:  # cannot build ahead: keep this rope's plain ops
+                rope.compiled = False
+                continue
             # decode queries and keys: [B, 1, heads, dim] projections seen as [B, heads, 1, dim]
-            heads = {getattr(module, "n_heads", 2), getattr(module, "n_kv_heads", 2)}
             for rows in (1, 2):
                 offset = mx.zeros((rows,), dtype=mx.int32)
-                for n in heads:
-                    x = mx.zeros((rows, 1, n, module.head_dim), dtype).transpose(0, 2, 1, 3)
+                for heads, head_dim in layouts:
+                    x = mx.zeros((rows, 1, heads, head_dim), dtype).transpose(0, 2, 1, 3)
                     calls.append(rope(x, offset=offset))
     if calls:
         with kernel_lock():
             mx.eval(calls)
     return len(calls)
+
+
+def _decode_head_layouts(attention: nn.Module) -> set[tuple[int, int]] | None:
+    """(heads, head size) of the queries and keys an attention module ropes, or None.
+
+    Read from the projections' output sizes (also right for quantized and sharded ones);
+    mlx-lm's modules name their head counts differently and do not all keep ``head_dim``.
+    """
+    heads = getattr(attention, "n_heads", None) or getattr(attention, "num_heads", None)
+    q_proj, k_proj = getattr(attention, "q_proj", None), getattr(attention, "k_proj", None)
+    if not heads or q_proj is None or k_proj is None:
+        return None
+    head_dim = getattr(attention, "head_dim", None) or q_proj.weight.shape[0] // heads
+    kv_heads = k_proj.weight.shape[0] // head_dim
+    if q_proj.weight.shape[0] != heads * head_dim or kv_heads * head_dim != k_proj.weight.shape[0]:
+        return None
+    return {(heads, head_dim), (kv_heads, head_dim)}

@@ -87,7 +87,8 @@ class MLXModelRunner:
         else:
             self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
         rope.install(self.model)  # CPU only: one rope table per step instead of per layer
-        numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
+        with jit.kernel_lock():  # its probe runs mlx-lm's compiled swiglu (no collectives)
+            numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
         rmsnorm.install(self.model)  # CPU: each RMSNorm one compiled call, not 13 primitives
         jit.prebuild(self.model, self.dtype)  # build those kernels now, one process at a time
         self.weight_bytes = model_loader.parameter_bytes(self.model)
