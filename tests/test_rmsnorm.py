@@ -60,3 +60,15 @@ def test_other_norms_are_left_alone():
     assert rmsnorm.install(block) == 1
     assert type(block.a) is OnePlusRMSNorm and type(block.b) is nn.LayerNorm
     assert type(block.c) is rmsnorm.CompiledRMSNorm
+
+
+def test_one_trace_serves_other_shapes_and_widths():
+    """Shapeless: traced on a decode row first (as in serving), then reused for other
+    shapes and for another width with the same eps (the divisor is read at run time)."""
+    eps = 3.25e-6  # not used elsewhere: this test makes the first trace
+    rng = np.random.default_rng(4)
+    for shape in ((1, 1, 64), (3, 7, 64), (2, 5, 4, 32), (1, 1, 96)):
+        norm = nn.RMSNorm(shape[-1], eps=eps)
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32))
+        x = mx.array(rng.standard_normal(shape).astype(np.float32) * 4)
+        assert mx.array_equal(rmsnorm.CompiledRMSNorm(norm)(x), norm(x)).item(), shape

@@ -41,6 +41,8 @@ def kernel_lock() -> Iterator[None]:
 
     Not re-entrant: a process that takes it twice waits on itself.
     """
+    # MLX uses std::filesystem::temp_directory_path(); both read TMPDIR first (they differ
+    # only in how they order TMP and TEMP when TMPDIR is unset)
     root = os.path.join(tempfile.gettempdir(), "mlx")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".vllm-ray-metal-build.lock"), "a") as handle:

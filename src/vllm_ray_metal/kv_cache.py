@@ -175,7 +175,8 @@ class PagedLayerCache:
             out.append(ctx if ctx.dtype == keys.dtype else ctx.astype(keys.dtype))
         return out[0], out[1]
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+    def make_mask(self, n: int, return_array: bool = False,
+                  window_size: int | None = None) -> mx.array | None:
         if window_size:  # model_loader rejects sliding-window models before we get here
             raise NotImplementedError("sliding-window attention is not supported")
         mask = self.layout.mask

@@ -15,15 +15,18 @@ installed: ``mx.fast.rms_norm`` is one fused GPU kernel there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_ray_metal import jit
 
-_COMPILED: dict[float, object] = {}  # eps -> compiled norm (shapeless: one trace per eps)
+_COMPILED: dict[float, Callable[[mx.array, mx.array], mx.array]] = {}
+# eps -> compiled norm; shapeless: one trace per eps, ndim and dtype, any sizes
 
 
-def compiled_norm(eps: float):
+def compiled_norm(eps: float) -> Callable[[mx.array, mx.array], mx.array]:
     """The shapeless compiled ``rms_norm(x, weight, eps)`` for one ``eps``."""
     if eps not in _COMPILED:
         _COMPILED[eps] = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
