@@ -54,7 +54,8 @@ print("RESULT", json.dumps(result))
 """
 
 
-def run(tmp_path, family: str = "llama", kv_heads: int = 2, path: str | None = None) -> dict:
+def run(tmp_path, family: str = "llama", kv_heads: int = 2,
+        path: str | None = None) -> dict:
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # a kernel cache of its own
     if path is not None:
         env["PATH"] = path

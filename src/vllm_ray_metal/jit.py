@@ -1,21 +1,22 @@
 """Building MLX's fused CPU kernels: compiler check, cross-process lock, pre-building.
 
 On the CPU, ``mx.compile`` turns a chain of element-wise ops into C++ source, builds it
-with ``g++`` (~1 s a kernel; without ``g++`` MLX runs the ops unfused) and caches the library in
-``<tmp>/mlx/<version>/cpu/``, shared by every process of the machine. MLX checks whether
-the library file exists and otherwise writes the source and runs the compiler in place,
-with nothing to stop another process from doing the same at once. Tensor-parallel ranks
-starting together would race there: one could load the other's half-written library.
+with ``g++`` (~1 s a kernel; without ``g++`` MLX runs the ops unfused) and caches the
+library in ``<tmp>/mlx/<version>/cpu/``, shared by every process of the machine. MLX
+checks whether the library file exists and otherwise writes the source and runs the
+compiler in place, with nothing to stop another process from doing the same at once.
+Tensor-parallel ranks starting together would race there: one could load the other's
+half-written library.
 
 So the runner builds, before its first forward, every kernel variant its compiled
-wrappers (rmsnorm.py, rope.py) and mlx-lm's own compiled ``swiglu`` use, one process at a
-time under :func:`kernel_lock`. A
-variant is fixed by dtype, constants and the layout left after MLX merges contiguous
-dimensions; the inputs below have the layouts of a model's real calls (tested: a model's
-decode and prefill steps of llama and qwen3 build nothing new after :func:`prebuild`).
-Those calls have no collectives, so holding the lock cannot stall a rank that waits in an
-all-reduce. Other compiled activations some mlx-lm families use (e.g. ``nn.gelu_approx``)
-are still built on first use; a rope whose head layout cannot be read is not compiled.
+wrappers (rmsnorm.py, rope.py) and mlx-lm's own compiled ``swiglu`` use, one process at
+a time under :func:`kernel_lock`. A variant is fixed by dtype, constants and the layout
+left after MLX merges contiguous dimensions; the inputs below have the layouts of a
+model's real calls (tested: decode and prefill steps of llama and qwen3 build nothing
+new after :func:`prebuild`). Those calls have no collectives, so holding the lock cannot
+stall a rank that waits in an all-reduce. Other compiled activations some mlx-lm
+families use (e.g. ``nn.gelu_approx``) are still built on first use; a rope whose head
+layout cannot be read is not compiled.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def prebuild(model: nn.Module, dtype: mx.Dtype) -> int:
     from vllm_ray_metal.rope import TableRoPE
 
     calls = []
-    seen: set[tuple] = set()  # identical calls build nothing new
+    seen: set[object] = set()  # identical calls build nothing new
     for _, module in model.named_modules():
         if isinstance(module, CompiledRMSNorm) and ("norm", module.eps) not in seen:
             # the residual stream [B, L, hidden], and per-head norms (qwen3's q_norm and
@@ -126,6 +127,7 @@ def _decode_head_layouts(attention: nn.Module) -> set[tuple[int, int]] | None:
         return None
     head_dim = getattr(attention, "head_dim", None) or q_proj.weight.shape[0] // heads
     kv_heads = k_proj.weight.shape[0] // head_dim
-    if q_proj.weight.shape[0] != heads * head_dim or kv_heads * head_dim != k_proj.weight.shape[0]:
+    q_width, k_width = q_proj.weight.shape[0], k_proj.weight.shape[0]
+    if q_width != heads * head_dim or k_width != kv_heads * head_dim:
         return None
     return {(heads, head_dim), (kv_heads, head_dim)}

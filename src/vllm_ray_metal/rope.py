@@ -11,7 +11,7 @@ Outputs are bitwise the same: ``x1*cos + x2*(-sin)`` rounds like ``x1*cos - x2*s
 The model code stays mlx-lm's: :func:`install` only wraps each attention's ``rope``
 attribute, and the tables come from that rope itself (base, scale, llama3 frequencies,
 partial rotary dims). In a decode step (one new token a row) the products run as one
-``mx.compile``d function, fusing six element-wise primitives a call into one kernel; prefill
+``mx.compile``d function, fusing the broadcasts, products and sum into one kernel; prefill
 chunks keep the plain ops, so the compile cache holds one entry per batch size instead of
 one per prompt length. Only ropes that are exactly one ``mx.fast.rope`` call on their
 input are wrapped (``nn.RoPE``, mlx-lm's ``Llama3RoPE`` and ``ProportionalRoPE``); ropes
