@@ -59,8 +59,8 @@ def run(tmp_path, family: str = "llama", kv_heads: int = 2,
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # a kernel cache of its own
     if path is not None:
         env["PATH"] = path
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, family, str(kv_heads)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, family, str(kv_heads)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line.removeprefix("RESULT "))
