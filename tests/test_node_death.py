@@ -24,7 +24,8 @@ BOUND_S = 90  # Ray drains a SIGTERMed node for up to 30 s; the rest is ours
 
 def _inflight(base: str, streaming: bool, first_token: threading.Event, out: dict) -> None:
     """A long greedy request; records how it ended and when."""
-    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 400,
+    # outlives Ray's 30 s drain unless each request decodes faster than 50 tok/s
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1500,
             "temperature": 0, "ignore_eos": True}
     try:
         if streaming:
@@ -71,7 +72,7 @@ def test_worker_node_death_errors_requests_reports_health(mode, model_dir, tmp_p
     try:
         cluster.start()
         server = ServeProcess(cluster, model_dir, tmp_path / "serve.log", "--max-model-len",
-                              "512", "--kv-cache-memory-bytes", str(32 << 20),
+                              "2048", "--kv-cache-memory-bytes", str(256 << 20),
                               env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"} if keep_alive else {})
         server.wait_healthy()
         cluster._record_pids()  # now including the MLX worker actor on 127.0.0.55
