@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import tempfile
@@ -54,6 +55,7 @@ def kernel_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@functools.cache  # rope.install and rmsnorm.install both ask; once a process is enough
 def compiler_works() -> bool:
     """Whether a compiled function runs here.
 

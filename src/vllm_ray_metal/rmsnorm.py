@@ -5,7 +5,7 @@ On the CPU, ``mx.fast.rms_norm`` has no fused kernel: it expands into 13 primiti
 primitives, each costing a few microseconds of dispatch whatever its size, and SmolLM2's
 61 norms are ~800 of them. ``mx.compile`` fuses the element-wise chain into generated
 C++ kernels (built once per machine by the system compiler and cached in MLX's temporary
-directory; see jit.py), leaving ~3 primitives a norm. The result is bitwise the same (tested).
+directory; see jit.py), leaving 4 primitives a norm. The result is bitwise the same (tested).
 
 The model code stays mlx-lm's: :func:`install` replaces each plain ``nn.RMSNorm`` child
 (exact type only; Gemma-style ``1 + weight`` norms keep their own code) with
