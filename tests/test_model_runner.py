@@ -15,6 +15,7 @@ from vllm.inputs import TokensPrompt
 from conftest import CHAT_PROMPTS, chat_token_ids, make_llm, shutdown_llm
 
 NEW_TOKENS = 32
+STORY = "Mountains rise above the valley where farmers grow wheat and barley. "
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,57 @@ def test_prefix_cache_hits_and_same_output(llm, model_dir):
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
     assert (second.num_cached_tokens or 0) >= 16 * (len(prompt) // 16) - 16
     assert (second.num_cached_tokens or 0) > (first.num_cached_tokens or 0)
+
+
+def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypatch):
+    """Copies of one prompt admitted together hit the blocks the first copy fills.
+
+    vLLM registers those blocks when it schedules them, so with 16k+1 prompt tokens the
+    copies arrive in the same step as one-token rows that read blocks written by the
+    first copy's prefill (they came out as garbage when decode rows ran first). The
+    engine core runs in this process, so all copies are queued before the first step.
+    """
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine = make_llm(model_dir, max_model_len=256)
+    try:
+        tok = engine.get_tokenizer()
+        prompts = [tok.encode(STORY * 2)[:17], tok.encode("Once upon a time, " + STORY * 3)[:33]]
+        outs = [engine.generate([TokensPrompt(prompt_token_ids=p)] * 3, greedy(8),
+                                use_tqdm=False) for p in prompts]
+    finally:
+        shutdown_llm(engine)
+    for p, group in zip(prompts, outs):
+        n = len(p)
+        assert n in (17, 33)
+        assert [o.num_cached_tokens or 0 for o in group] == [0, n - 1, n - 1]
+        assert [list(o.outputs[0].token_ids) for o in group] == [hf_greedy(hf_model, p, 8)] * 3
+
+
+def test_forward_groups_put_readers_with_writers():
+    """Rows split into forwards so that no row reads a block a later forward writes."""
+    from vllm_ray_metal.model_runner import MLXModelRunner, RequestState, _Row
+
+    runner = object.__new__(MLXModelRunner)
+    runner.block_size = 4
+
+    def row(index: int, blocks: list[int], start: int, count: int) -> _Row:
+        state = RequestState(f"r{index}", [0] * 16, None, blocks, start, None)
+        return _Row(state, start, count, index)
+
+    def ids(groups: list[list[_Row]]) -> list[list[int]]:
+        return [[r.index for r in g] for g in groups]
+
+    independent = [row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6), row(2, [5], 0, 3)]
+    assert ids(runner._forward_groups(independent)) == [[0], [1], [2]]
+    # a one-token row hits block 3, which a prefill fills in this step
+    hit = [row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6), row(2, [3, 6], 4, 1)]
+    assert ids(runner._forward_groups(hit)) == [[0, 2, 1]]
+    # a prefill hits block 2, whose last slot a decode row writes in this step
+    reverse = [row(0, [1, 2], 7, 1), row(1, [5, 6], 0, 3), row(2, [1, 2, 7], 8, 2)]
+    assert ids(runner._forward_groups(reverse)) == [[0, 2], [1]]
+    # a fully cached prompt recomputes its last token inside the writer's block
+    shared = [row(0, [3, 4], 0, 8), row(1, [3, 4], 7, 1)]
+    assert ids(runner._forward_groups(shared)) == [[1, 0]]
 
 
 def test_seeded_sampling_is_reproducible(llm, model_dir):

@@ -167,6 +167,47 @@ class MLXModelRunner:
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])
 
+    def _forward_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Split a step's rows into forward passes: decodes together, each prefill alone.
+
+        A row may read a block another row writes in the same step: vLLM registers a
+        prefix-cache block when it schedules the tokens that fill it, so a request
+        admitted in the same step can hit it (two identical prompts of 16k+1 tokens: the
+        second arrives as a one-token row). Within one forward every layer writes all
+        rows' keys before any row reads, so such rows share their writer's forward.
+        """
+        decodes = [r for r in rows if r.count == 1]
+        groups = ([decodes] if decodes else []) + [[r] for r in rows if r.count > 1]
+        if len(groups) < 2:
+            return groups
+        bs = self.block_size
+        spans = [[(r.state.block_ids, r.start // bs, (r.start + r.count - 1) // bs + 1)
+                  for r in group] for group in groups]  # (blocks, first written, end)
+        writer: dict[int, int] = {}  # block written this step -> a group writing it
+        for g, group in enumerate(spans):
+            for blocks, first, end in group:
+                for block in blocks[first:end]:
+                    writer.setdefault(block, g)
+        parent = list(range(len(groups)))
+
+        def root(g: int) -> int:
+            while parent[g] != g:
+                g = parent[g]
+            return g
+
+        for g, group in enumerate(spans):
+            for blocks, first, end in group:
+                linked = [writer[b] for b in blocks[first:end] if writer[b] != g]
+                if not writer.keys().isdisjoint(blocks[:first]):  # context written now
+                    linked += [writer[b] for b in blocks[:first] if b in writer]
+                for other in linked:
+                    a, b = root(g), root(other)
+                    parent[max(a, b)] = min(a, b)
+        merged: dict[int, list[_Row]] = {}
+        for g, group in enumerate(groups):
+            merged.setdefault(root(g), []).extend(group)
+        return list(merged.values())
+
     def _forward(self, rows: list[_Row]) -> mx.array:
         """Run rows of new tokens through the model; return hidden states [B, L, H]."""
         starts = [r.start for r in rows]
@@ -220,8 +261,7 @@ class MLXModelRunner:
             state = self.requests[req_id]
             rows.append(_Row(state, state.num_computed_tokens,
                              so.num_scheduled_tokens[req_id], index))
-        decodes = [r for r in rows if r.count == 1]
-        groups = ([decodes] if decodes else []) + [[r] for r in rows if r.count > 1]
+        groups = self._forward_groups(rows)
 
         to_sample: list[_Row] = []
         last_hidden: list[mx.array] = []
