@@ -103,11 +103,24 @@ def test_prefix_cache_hits_and_same_output(llm, model_dir):
 def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypatch):
     """Copies of one prompt admitted together hit the blocks the first copy fills.
 
-    vLLM registers those blocks when it schedules them, so with 16k+1 prompt tokens the
-    copies arrive in the same step as one-token rows that read blocks written by the
-    first copy's prefill (they came out as garbage when decode rows ran first). The
-    engine core runs in this process, so all copies are queued before the first step.
+    vLLM registers those blocks when it schedules them, so with ``n * 16 + 1`` prompt
+    tokens the copies arrive in the same step as one-token rows that read blocks written
+    by the first copy's prefill (they came out as garbage when they ran first). The
+    engine core and worker run in this process, so all copies are queued before the
+    first step, and the runner's forwards can be recorded.
     """
+    import vllm.envs
+    from vllm_ray_metal.model_runner import MLXModelRunner
+
+    forwards: list[list[tuple[int, int]]] = []
+    plain = MLXModelRunner._forward_groups
+
+    def recorded(self, rows):
+        groups = plain(self, rows)
+        forwards.extend([(r.start, r.count) for r in g] for g in groups)
+        return groups
+
+    monkeypatch.setattr(MLXModelRunner, "_forward_groups", recorded)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     engine = make_llm(model_dir, max_model_len=256)
     try:
@@ -117,15 +130,17 @@ def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypa
                                 use_tqdm=False) for p in prompts]
     finally:
         shutdown_llm(engine)
+        vllm.envs.disable_envs_cache()  # the in-process engine froze VLLM_* for this process
     for p, group in zip(prompts, outs):
         n = len(p)
         assert n in (17, 33)
+        assert [(0, n)] in forwards and [(n - 1, 1), (n - 1, 1)] in forwards  # same step
         assert [o.num_cached_tokens or 0 for o in group] == [0, n - 1, n - 1]
         assert [list(o.outputs[0].token_ids) for o in group] == [hf_greedy(hf_model, p, 8)] * 3
 
 
-def test_forward_groups_put_readers_with_writers():
-    """Rows split into forwards so that no row reads a block a later forward writes."""
+def test_forward_groups_write_blocks_before_reading_them():
+    """Forwards run in an order where no row reads a block a later forward writes."""
     from vllm_ray_metal.model_runner import MLXModelRunner, RequestState, _Row
 
     runner = object.__new__(MLXModelRunner)
@@ -135,20 +150,21 @@ def test_forward_groups_put_readers_with_writers():
         state = RequestState(f"r{index}", [0] * 16, None, blocks, start, None)
         return _Row(state, start, count, index)
 
-    def ids(groups: list[list[_Row]]) -> list[list[int]]:
-        return [[r.index for r in g] for g in groups]
+    def ids(rows: list[_Row]) -> list[list[int]]:
+        return [[r.index for r in g] for g in runner._forward_groups(rows)]
 
-    independent = [row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6), row(2, [5], 0, 3)]
-    assert ids(runner._forward_groups(independent)) == [[0], [1], [2]]
-    # a one-token row hits block 3, which a prefill fills in this step
-    hit = [row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6), row(2, [3, 6], 4, 1)]
-    assert ids(runner._forward_groups(hit)) == [[0, 2, 1]]
-    # a prefill hits block 2, whose last slot a decode row writes in this step
-    reverse = [row(0, [1, 2], 7, 1), row(1, [5, 6], 0, 3), row(2, [1, 2, 7], 8, 2)]
-    assert ids(runner._forward_groups(reverse)) == [[0, 2], [1]]
-    # a fully cached prompt recomputes its last token inside the writer's block
-    shared = [row(0, [3, 4], 0, 8), row(1, [3, 4], 7, 1)]
-    assert ids(runner._forward_groups(shared)) == [[1, 0]]
+    decode, prefill = row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6)
+    assert ids([decode, prefill, row(2, [5], 0, 3)]) == [[0], [1], [2]]
+    # a one-token row hits block 3, which the prefill fills in this step: it runs last
+    assert ids([decode, prefill, row(2, [3, 6], 4, 1), row(3, [7], 2, 1)]) == \
+        [[0, 3], [1], [2]]
+    # a prefill hits block 2, whose last slot a one-token row fills: already in order
+    assert ids([row(0, [1, 2], 7, 1), row(1, [1, 2, 7], 8, 2)]) == [[0], [1]]
+    # conflicts vLLM does not produce with block_size > 1 (a prefill reading the block a
+    # late one-token row writes; two rows writing one block) fall back to one forward
+    late_writer = [prefill, row(2, [3, 9], 4, 1), row(3, [3, 9, 10], 5, 3)]
+    assert ids(late_writer) == [[1, 2, 3]]
+    assert ids([row(0, [3, 4], 0, 8), row(1, [3, 4], 7, 1)]) == [[0, 1]]
 
 
 def test_seeded_sampling_is_reproducible(llm, model_dir):

@@ -6,7 +6,8 @@ runner keeps just enough per-request state to know the token ids to feed and sam
 the next token when a request's scheduled tokens reach the end of what is known.
 
 Each step runs every decoding request (one new token each) in one batched MLX call;
-prefill chunks run one call each so no request pays for another's padding.
+prefill chunks run one call each so no request pays for another's padding (see
+``_forward_groups`` for the order, which same-step prefix-cache hits constrain).
 """
 
 from __future__ import annotations
@@ -168,45 +169,42 @@ class MLXModelRunner:
                 state.block_ids.extend(new_blocks[0])
 
     def _forward_groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Split a step's rows into forward passes: decodes together, each prefill alone.
+        """Order a step's rows into forward passes so that every block is written first.
 
-        A row may read a block another row writes in the same step: vLLM registers a
-        prefix-cache block when it schedules the tokens that fill it, so a request
-        admitted in the same step can hit it (two identical prompts of 16k+1 tokens: the
-        second arrives as a one-token row). Within one forward every layer writes all
-        rows' keys before any row reads, so such rows share their writer's forward.
+        One-token rows share a forward; each longer row runs alone, so none pays for
+        another's padding. vLLM registers a prefix-cache block when it schedules the
+        tokens that fill it, so a request admitted later in the same step can hit a block
+        only written in this step (the writer is an earlier row). A one-token row that
+        reads a block a longer row writes (a copy of an ``n * block_size + 1``-token
+        prompt admitted with it) therefore runs in a second one-token forward after the
+        longer rows. Any other order conflict puts all rows in one forward, where every
+        layer writes all rows' keys before any row reads.
         """
         decodes = [r for r in rows if r.count == 1]
-        groups = ([decodes] if decodes else []) + [[r] for r in rows if r.count > 1]
-        if len(groups) < 2:
-            return groups
+        prefills = [[r] for r in rows if r.count > 1]
+        if not decodes or not prefills:
+            return ([decodes] if decodes else []) + prefills
         bs = self.block_size
-        spans = [[(r.state.block_ids, r.start // bs, (r.start + r.count - 1) // bs + 1)
-                  for r in group] for group in groups]  # (blocks, first written, end)
-        writer: dict[int, int] = {}  # block written this step -> a group writing it
-        for g, group in enumerate(spans):
-            for blocks, first, end in group:
-                for block in blocks[first:end]:
-                    writer.setdefault(block, g)
-        parent = list(range(len(groups)))
+        written: set[int] = set()
+        for [r] in prefills:
+            written.update(r.state.block_ids[r.start // bs:(r.start + r.count - 1) // bs + 1])
+        late = [not written.isdisjoint(r.state.block_ids[:r.start // bs + 1]) for r in decodes]
+        groups = [g for g in ([r for r, x in zip(decodes, late) if not x], *prefills,
+                              [r for r, x in zip(decodes, late) if x]) if g]
+        return groups if self._writes_precede_reads(groups) else [rows]
 
-        def root(g: int) -> int:
-            while parent[g] != g:
-                g = parent[g]
-            return g
-
-        for g, group in enumerate(spans):
-            for blocks, first, end in group:
-                linked = [writer[b] for b in blocks[first:end] if writer[b] != g]
-                if not writer.keys().isdisjoint(blocks[:first]):  # context written now
-                    linked += [writer[b] for b in blocks[:first] if b in writer]
-                for other in linked:
-                    a, b = root(g), root(other)
-                    parent[max(a, b)] = min(a, b)
-        merged: dict[int, list[_Row]] = {}
-        for g, group in enumerate(groups):
-            merged.setdefault(root(g), []).extend(group)
-        return list(merged.values())
+    def _writes_precede_reads(self, groups: list[list[_Row]]) -> bool:
+        """True if no forward reads (or also writes) a block that a later forward writes."""
+        bs = self.block_size
+        later: set[int] = set()  # blocks written by the groups after the current one
+        for group in reversed(groups):
+            spans = [(r.state.block_ids, r.start // bs, (r.start + r.count - 1) // bs + 1)
+                     for r in group]
+            if any(not later.isdisjoint(blocks[:end]) for blocks, _, end in spans):
+                return False
+            for blocks, first, end in spans:
+                later.update(blocks[first:end])
+        return True
 
     def _forward(self, rows: list[_Row]) -> mx.array:
         """Run rows of new tokens through the model; return hidden states [B, L, H]."""
