@@ -162,7 +162,7 @@ def test_forward_groups_write_blocks_before_reading_them():
     assert ids([row(0, [1, 2], 7, 1), row(1, [1, 2, 7], 8, 2)]) == [[0], [1]]
     # conflicts vLLM does not produce with block_size > 1 (a prefill reading the block a
     # late one-token row writes; two rows writing one block) fall back to one forward
-    late_writer = [prefill, row(2, [3, 9], 4, 1), row(3, [3, 9, 10], 5, 3)]
+    late_writer = [prefill, row(2, [3, 9], 4, 1), row(3, [3, 9, 10], 8, 3)]
     assert ids(late_writer) == [[1, 2, 3]]
     assert ids([row(0, [3, 4], 0, 8), row(1, [3, 4], 7, 1)]) == [[0, 1]]
 
