@@ -36,9 +36,9 @@ VARIANCE = (" Rates vary from run to run on this machine (all systems at once): 
             "fix (decode-only steps run the same code), two full runs gave P1 1.17 (17.3 vs "
             "14.7) and 1.43 (20.7 vs 14.5) and P2 0.86 and 0.93. Single-stream child runs of "
             "ours alone (--child ours --levels 1) then gave 16.2-26.3 tok/s, and in an "
-            "interleaved A/B of this runner against the previous one each side won every "
-            "pair of one 4-pair series and lost most of another: the noise is larger than "
-            "any difference between them.")
+            "interleaved A/B of this runner against the previous one it won all 4 pairs of "
+            "one series and lost all 4 of another: the noise is larger than any difference "
+            "between them.")
 NOTE = ("Profile (MKL, 2 threads, SmolLM2 fp32; scripts in the 2026-11-27 session notes): "
         "(1) MKL's OpenMP threads now spin between products (KMP_BLOCKTIME 200 ms, set by the "
         "worker when its machine's ranks x threads fit the cores, else 0). Asleep, every one of "
