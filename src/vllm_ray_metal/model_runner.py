@@ -184,27 +184,29 @@ class MLXModelRunner:
         prefills = [[r] for r in rows if r.count > 1]
         if not decodes or not prefills:
             return ([decodes] if decodes else []) + prefills
-        bs = self.block_size
-        written: set[int] = set()
-        for [r] in prefills:
-            written.update(r.state.block_ids[r.start // bs:(r.start + r.count - 1) // bs + 1])
-        late = [not written.isdisjoint(r.state.block_ids[:r.start // bs + 1]) for r in decodes]
-        groups = [g for g in ([r for r, x in zip(decodes, late) if not x], *prefills,
-                              [r for r, x in zip(decodes, late) if x]) if g]
+        written = {b for [r] in prefills for b in self._blocks(r)[1]}
+        early, late = [], []
+        for r in decodes:
+            (early if written.isdisjoint(self._blocks(r)[0]) else late).append(r)
+        groups = [g for g in (early, *prefills, late) if g]
         return groups if self._writes_precede_reads(groups) else [rows]
 
     def _writes_precede_reads(self, groups: list[list[_Row]]) -> bool:
         """True if no forward reads (or also writes) a block that a later forward writes."""
-        bs = self.block_size
         later: set[int] = set()  # blocks written by the groups after the current one
         for group in reversed(groups):
-            spans = [(r.state.block_ids, r.start // bs, (r.start + r.count - 1) // bs + 1)
-                     for r in group]
-            if any(not later.isdisjoint(blocks[:end]) for blocks, _, end in spans):
+            spans = [self._blocks(r) for r in group]
+            if any(not later.isdisjoint(reads) for reads, _ in spans):
                 return False
-            for blocks, first, end in spans:
-                later.update(blocks[first:end])
+            for _, writes in spans:
+                later.update(writes)
         return True
+
+    def _blocks(self, row: _Row) -> tuple[list[int], list[int]]:
+        """(blocks the row reads, including its own new tokens; blocks it writes)."""
+        bs = self.block_size
+        first, end = row.start // bs, (row.start + row.count - 1) // bs + 1
+        return row.state.block_ids[:end], row.state.block_ids[first:end]
 
     def _forward(self, rows: list[_Row]) -> mx.array:
         """Run rows of new tokens through the model; return hidden states [B, L, H]."""
