@@ -17,10 +17,23 @@ import json, os
 import numpy as np
 from vllm_ray_metal import blas
 import mlx.core as mx
-a = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)
-b = np.random.default_rng(1).standard_normal((300, 200)).astype(np.float32)
-err = float(np.abs(np.asarray(mx.array(a) @ mx.array(b)) - a @ b).max())
-print(json.dumps({"loaded": blas.loaded, "threads_set": blas.set_threads(1), "err": err}))
+rng = np.random.default_rng(0)
+err, gemv = 0.0, []
+# every layout MLX hands cblas_sgemm: plain, B transposed (x @ W.T), A transposed, and
+# addmm's beta; one-row products (the shim's GEMV branch) and several rows (sgemm)
+for rows in (1, 2, 64):
+    a = rng.standard_normal((rows, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 200)).astype(np.float32)
+    c = rng.standard_normal((rows, 200)).astype(np.float32)
+    before = blas.gemv_products()
+    got = [mx.array(a) @ mx.array(b), mx.array(a) @ mx.array(b.T.copy()).T,
+           mx.array(a.T.copy()).T @ mx.array(b),
+           mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=2.0)]
+    want = [a @ b, a @ b, a @ b, 2.0 * c + 0.5 * (a @ b)]
+    err = max([err] + [float(np.abs(np.asarray(g) - w).max()) for g, w in zip(got, want)])
+    gemv.append(blas.gemv_products() - before)
+print(json.dumps({"loaded": blas.loaded, "threads_set": blas.set_threads(1), "err": err,
+                  "gemv": gemv}))
 """
 
 
@@ -33,12 +46,27 @@ def probe(**env: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
-def test_recipe_blas_is_loaded_and_multiplies_correctly():
+def test_recipe_blas_is_openblas_behind_the_shim_and_multiplies_correctly():
     res = probe()
-    expected = "libmkl_rt" if platform.machine() == "x86_64" else "openblas"
-    assert res["loaded"] and expected in res["loaded"], res
+    assert res["loaded"] and "scipy_openblas" in res["loaded"], res
     assert res["threads_set"] is True
     assert res["err"] < 1e-3, res
+    assert res["gemv"] == [4, 0, 0], res  # only one-row products take sgemv
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the mkl wheel is x86_64-only")
+def test_mkl_when_asked_and_correct():
+    res = probe(VLLM_RAY_METAL_BLAS="mkl")
+    assert res["loaded"] and "libmkl_rt" in res["loaded"], res
+    assert res["threads_set"] is True and res["err"] < 1e-3, res
+    assert res["gemv"] == [0, 0, 0], res  # no shim: MKL's own sgemm
+
+
+def test_no_compiler_means_no_shim(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert blas.build_shim(tmp_path) is None
+    assert not list((tmp_path / "blas").glob("*.so"))  # no half-written library left
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
