@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import compat, jit, model_loader, pipeline, rmsnorm, rope, sampler, swiglu
+from vllm_ray_metal import (compat, fused, jit, model_loader, pipeline, rmsnorm, rope, sampler,
+                            swiglu)
 from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -91,6 +92,7 @@ class MLXModelRunner:
         with jit.kernel_lock():  # its probe runs mlx-lm's compiled swiglu (no collectives)
             numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
         rmsnorm.install(self.model)  # CPU: each RMSNorm one compiled call, not 13 primitives
+        fused.install(self.model)  # CPU: q/k/v and gate/up as one product each
         jit.prebuild(self.model, self.dtype)  # build those kernels now, one process at a time
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
