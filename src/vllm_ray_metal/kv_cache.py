@@ -142,7 +142,12 @@ class PagedKVPool:
         # layers of this forward pass.
         slots = self.capacity * self.block_size
         head_base = mx.arange(self.kv_heads, dtype=mx.int32) * slots
-        write = head_base[:, None] + layout.write_slots[None, :]  # [H, B*L]
+        rows = layout.read_slots.shape[0]
+        length = layout.write_slots.shape[0] // rows
+        # [B, H, L] flattened: the order of a [B, H, L, D] key array's rows, so the new
+        # keys are written without a transpose
+        write = (head_base[None, :, None]
+                 + layout.write_slots.reshape(rows, 1, length)).reshape(-1)
         read = head_base[None, :, None] + layout.read_slots[:, None, :]  # [B, H, C]
         return [PagedLayerCache(self, i, layout, write, read) for i in range(self.num_layers)]
 
@@ -170,7 +175,7 @@ class PagedLayerCache:
             flat = store[self.layer]  # [H * slots, D]
             if new.dtype != flat.dtype:
                 new = new.astype(flat.dtype)
-            flat[self.write_index] = new.transpose(1, 0, 2, 3).reshape(h, b * l, d)
+            flat[self.write_index] = new.reshape(b * h * l, d)
             ctx = flat[self.read_index]  # [B, H, C, D], contiguous
             out.append(ctx if ctx.dtype == keys.dtype else ctx.astype(keys.dtype))
         return out[0], out[1]
