@@ -101,6 +101,7 @@ def install(model: nn.Module) -> int:
             if any(lin is None for lin in linears) or not _fusable(linears):
                 continue
             group = FusedLinear(linears)
+            mx.eval(group.parameters())  # one group at a time: the old weights go as we go
             setattr(module, "fused_" + "_".join(n.removesuffix("_proj") for n in names), group)
             for index, name in enumerate(names):
                 setattr(module, name, FusedPart(group, index))
