@@ -56,6 +56,21 @@ def test_parts_work_alone_and_on_new_inputs():
     assert group._input is None  # all three parts of y's last product taken: nothing held
 
 
+def test_column_sharded_groups_fuse_like_linears():
+    """Tensor parallel's q/k/v and gate/up are AllToShardedLinear: a local product."""
+    from mlx.nn.layers.distributed import AllToShardedLinear
+
+    block, reference = nn.Module(), {}
+    group = mx.distributed.init()  # one rank: the shards are the whole matrices
+    for name, out in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4)):
+        reference[name] = nn.Linear(8, out)
+        setattr(block, name, AllToShardedLinear.from_linear(reference[name], group=group))
+    assert fused.install(block) == 1
+    x = mx.random.normal((3, 8))
+    for name, lin in reference.items():
+        assert mx.allclose(block[name](x), lin(x), atol=1e-6).item(), name
+
+
 def test_groups_that_are_not_plain_linears_stay():
     block = nn.Module()
     block.q_proj, block.k_proj, block.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), \

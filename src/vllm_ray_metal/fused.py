@@ -12,16 +12,19 @@ two OpenBLAS threads, median of 15, three runs): 22.8/28.9/22.9 ms separate agai
 The model code stays mlx-lm's: :func:`install` replaces each projection of a group by a
 :class:`FusedPart`, which the attention and MLP call exactly as before. The first part
 called with an input computes the whole product and splits it; the others return their
-slice for the same input object. Only exact ``nn.Linear`` groups with one input width
-and dtype, and bias on all or none, are fused, so sharded (tensor-parallel) and
-quantized projections keep their own layers. On Metal nothing is installed: there a
-product is one GPU kernel launch and this was not measured.
+slice for the same input object. Groups of exact ``nn.Linear`` are fused, and groups of
+MLX's ``AllToShardedLinear`` (tensor parallel's column shards: a local product, whose
+all-reduce exists only in the backward pass), so TP=1 and TP=N ranks run the same number
+of products; quantized and mixed groups keep their own layers, as do groups that differ in
+input width, dtype or bias. On Metal nothing is installed: there a product is one GPU
+kernel launch and this was not measured.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -82,7 +85,8 @@ def _bounds(sizes: list[int]) -> list[int]:
 
 
 def _fusable(linears: list) -> bool:
-    if not all(type(lin) is nn.Linear for lin in linears):
+    kinds = {type(lin) for lin in linears}
+    if kinds != {nn.Linear} and kinds != {AllToShardedLinear}:
         return False
     first = linears[0].weight
     return (all(lin.weight.shape[1] == first.shape[1] and lin.weight.dtype == first.dtype
