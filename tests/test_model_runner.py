@@ -154,7 +154,10 @@ def test_forward_groups_write_blocks_before_reading_them():
         return [[r.index for r in g] for g in runner._forward_groups(rows)]
 
     decode, prefill = row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6)
-    assert ids([decode, prefill, row(2, [5], 0, 3)]) == [[0], [1], [2]]
+    # prompt chunks of near-equal length share a forward, longest first
+    assert ids([decode, prefill, row(2, [5], 0, 3)]) == [[0], [1, 2]]
+    assert ids([row(0, [5], 0, 3), row(1, [6, 7, 8, 9, 10], 0, 20), row(2, [3, 4], 0, 6)]) \
+        == [[1], [2, 0]]
     # a one-token row hits block 3, which the prefill fills in this step: it runs last
     assert ids([decode, prefill, row(2, [3, 6], 4, 1), row(3, [7], 2, 1)]) == \
         [[0, 3], [1], [2]]
