@@ -15,7 +15,7 @@ import psutil
 import torch
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_ray_metal import blas, compat, model_loader, parallel
+from vllm_ray_metal import blas, compat, heap, model_loader, parallel
 from vllm_ray_metal.model_runner import MLXModelRunner
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -41,6 +41,7 @@ class MLXWorker(WorkerBase):
             if threads:
                 logger.info("MLX CPU backend: %s with %d thread(s), %s=%s", blas.loaded,
                             threads, blas.BLOCKTIME_ENV, os.environ.get(blas.BLOCKTIME_ENV))
+            heap.keep_freed_memory()  # a step's arrays reuse the last step's pages
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
         self.memory_at_start = mlx_device_memory()
         seed = self.model_config.seed
