@@ -157,7 +157,12 @@ def test_forward_groups_write_blocks_before_reading_them():
     # prompt chunks of near-equal length share a forward, longest first
     assert ids([decode, prefill, row(2, [5], 0, 3)]) == [[0], [1, 2]]
     assert ids([row(0, [5], 0, 3), row(1, [6, 7, 8, 9, 10], 0, 20), row(2, [3, 4], 0, 6)]) \
-        == [[1], [2, 0]]
+        == [[2, 0], [1]]  # groups keep the scheduler's order of their first rows
+    # a longer prompt that hits block 3, which a shorter one fills in this step: the
+    # writer's forward still comes first, and the reverse order falls back to one forward
+    writer, reader = row(0, [3, 4], 0, 8), row(1, [3, 5, 6, 7, 8, 9], 4, 20)
+    assert ids([writer, reader]) == [[0], [1]]
+    assert ids([row(0, [3, 5, 6, 7, 8, 9], 4, 20), row(1, [3, 4], 0, 8)]) == [[0, 1]]
     # a one-token row hits block 3, which the prefill fills in this step: it runs last
     assert ids([decode, prefill, row(2, [3, 6], 4, 1), row(3, [7], 2, 1)]) == \
         [[0, 3], [1], [2]]

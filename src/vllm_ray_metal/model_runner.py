@@ -68,14 +68,18 @@ MAX_PREFILL_PADDING = 8
 
 
 def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
-    """Rows of several tokens, longest first, in groups of near-equal length."""
+    """Rows of several tokens in groups of near-equal length, in the scheduler's order.
+
+    Groups are formed longest first, then ordered by their earliest row: vLLM admits a
+    request that hits a block another admits in the same step after its writer.
+    """
     groups: list[list[_Row]] = []
     for r in sorted(rows, key=lambda r: -r.count):
         if groups and groups[-1][0].count - r.count <= MAX_PREFILL_PADDING:
             groups[-1].append(r)
         else:
             groups.append([r])
-    return groups
+    return sorted(groups, key=lambda g: min(r.index for r in g))
 
 
 class MLXModelRunner:
@@ -191,19 +195,20 @@ class MLXModelRunner:
     def _forward_groups(self, rows: list[_Row]) -> list[list[_Row]]:
         """Order a step's rows into forward passes so that every block is written first.
 
-        One-token rows share a forward; longer rows share one when their lengths differ by
-        at most :data:`MAX_PREFILL_PADDING` tokens (see :func:`_prefill_groups`). vLLM registers a prefix-cache block when it schedules the
-        tokens that fill it, so a request admitted later in the same step can hit a block
-        only written in this step (the writer is an earlier row). A one-token row that
-        reads a block a longer row writes (a copy of an ``n * block_size + 1``-token
-        prompt admitted with it) therefore runs in a second one-token forward after the
-        longer rows. Any other order conflict puts all rows in one forward, where every
-        layer writes all rows' keys before any row reads.
+        One-token rows share a forward; longer rows share one when their lengths differ
+        by at most :data:`MAX_PREFILL_PADDING` tokens (see :func:`_prefill_groups`). vLLM
+        registers a prefix-cache block when it schedules the tokens that fill it, so a
+        request admitted later in the same step can hit a block only written in this step
+        (the writer is an earlier row). A one-token row that reads a block a longer row
+        writes (a copy of an ``n * block_size + 1``-token prompt admitted with it)
+        therefore runs in a second one-token forward after the longer rows. Any other
+        order conflict puts all rows in one forward, where every layer writes all rows'
+        keys before any row reads.
         """
         decodes = [r for r in rows if r.count == 1]
         prefills = _prefill_groups([r for r in rows if r.count > 1])
-        if not decodes or not prefills:
-            return ([decodes] if decodes else []) + prefills
+        if not prefills:
+            return [decodes] if decodes else []
         written = {b for group in prefills for r in group for b in self._blocks(r)[1]}
         early, late = [], []
         for r in decodes:
