@@ -15,7 +15,7 @@
  */
 #include <stddef.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 }; /* CBLAS enum values */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
                          const float *, int, float, float *, int);
@@ -46,7 +46,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
             int incx = trans_a == NO_TRANS ? 1 : lda;
             float *y = c + (ptrdiff_t)i * ldc;
             if (trans_b == NO_TRANS) /* B is k x n: y = B^T x */
-                gemv(ROW_MAJOR, NO_TRANS + 1, k, n, alpha, b, ldb, x, incx, beta, y, 1);
+                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, x, incx, beta, y, 1);
             else /* B is n x k: y = B x */
                 gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, x, incx, beta, y, 1);
         }
