@@ -155,16 +155,14 @@ def _load_openblas_shim() -> bool:
     addr = ctypes.c_void_p
     shim.vrm_bind(ctypes.cast(openblas.scipy_cblas_sgemm, addr),
                   ctypes.cast(openblas.scipy_cblas_sgemv, addr), ctypes.c_int(GEMV_MAX_ROWS))
+    shim.vrm_gemv_products.restype = ctypes.c_long
     _lib, _shim, loaded = openblas, shim, library
     return True
 
 
 def gemv_products() -> int:
     """How many products the shim sent to sgemv in this process (0 without the shim)."""
-    if _shim is None:
-        return 0
-    _shim.vrm_gemv_products.restype = ctypes.c_long
-    return int(_shim.vrm_gemv_products())
+    return 0 if _shim is None else int(_shim.vrm_gemv_products())
 
 
 def set_threads(count: int) -> bool:

@@ -23,6 +23,8 @@ kernel launch and this was not measured.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear
@@ -38,8 +40,10 @@ class FusedLinear(nn.Module):
         self.weight = mx.concatenate([lin.weight for lin in linears], axis=0)
         if "bias" in linears[0]:
             self.bias = mx.concatenate([lin.bias for lin in linears], axis=0)
-        # plain attributes: an nn.Module would take arrays and lists for parameters
-        object.__setattr__(self, "bounds", _bounds([lin.weight.shape[0] for lin in linears]))
+        # plain attribute (an nn.Module would take a list for a parameter): each part's
+        # first and last output row, [0, q, q + k, q + k + v]
+        object.__setattr__(self, "edges", list(accumulate(
+            [lin.weight.shape[0] for lin in linears], initial=0)))
         self._hold(None, [])
 
     def _hold(self, x: mx.array | None, outputs: list[mx.array]) -> None:
@@ -54,7 +58,7 @@ class FusedLinear(nn.Module):
                 y = mx.addmm(self.bias, x, self.weight.T)
             else:
                 y = x @ self.weight.T
-            self._hold(x, mx.split(y, self.bounds, axis=-1))
+            self._hold(x, mx.split(y, self.edges[1:-1], axis=-1))
         out = self._outputs[index]
         object.__setattr__(self, "_left", self._left - 1)
         if self._left == 0:  # every part taken: hold no arrays between calls
@@ -73,16 +77,11 @@ class FusedPart(nn.Module):
     @property
     def weight(self) -> mx.array:
         """This projection's rows of the fused weight (for code that reads its shape)."""
-        bounds = [0, *self._fused.bounds, self._fused.weight.shape[0]]
-        return self._fused.weight[bounds[self.index]:bounds[self.index + 1]]
+        edges = self._fused.edges
+        return self._fused.weight[edges[self.index]:edges[self.index + 1]]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._fused.part(self.index, x)
-
-
-def _bounds(sizes: list[int]) -> list[int]:
-    """Split points of the concatenated output (``mx.split`` indices)."""
-    return [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
 
 
 def _fusable(linears: list) -> bool:
