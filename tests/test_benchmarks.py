@@ -41,3 +41,10 @@ def test_tp_scaling_smoke():
     assert data["same_tokens"], (one["tokens"], two["tokens"])  # TP=2 decodes what TP=1 does
     assert len({r["host_ip"] for r in two["ranks"]}) == 2
     assert data["rows"][0]["id"] == "P3"
+
+
+def test_blas_kernel_smoke():
+    data = run_smoke("bench_blas.py")
+    assert len(data["results"]) == 4  # OpenBLAS and the kernel, 1 and 2 threads
+    assert all(ms > 0 for by_rows in data["results"].values() for ms in by_rows.values())
+    assert data["rows"][0]["id"] == "B1"

@@ -18,22 +18,28 @@ import numpy as np
 from vllm_ray_metal import blas
 import mlx.core as mx
 rng = np.random.default_rng(0)
-err, gemv = 0.0, []
-# every layout MLX hands cblas_sgemm: plain, B transposed (x @ W.T), A transposed, and
-# addmm's beta; one-row products (the shim's GEMV branch) and several rows (sgemm)
-for rows in (1, 2, 64):
-    a = rng.standard_normal((rows, 300)).astype(np.float32)
-    b = rng.standard_normal((300, 200)).astype(np.float32)
-    c = rng.standard_normal((rows, 200)).astype(np.float32)
-    before = blas.gemv_products()
-    got = [mx.array(a) @ mx.array(b), mx.array(a) @ mx.array(b.T.copy()).T,
-           mx.array(a.T.copy()).T @ mx.array(b),
-           mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=2.0)]
-    want = [a @ b, a @ b, a @ b, 2.0 * c + 0.5 * (a @ b)]
-    err = max([err] + [float(np.abs(np.asarray(g) - w).max()) for g, w in zip(got, want)])
-    gemv.append(blas.gemv_products() - before)
+if "KERNEL" in os.environ:
+    blas.use_kernel(os.environ["KERNEL"])
+blas.set_threads(int(os.environ.get("THREADS", "2")))
+err, ours = 0.0, {}
+# every layout MLX hands cblas_sgemm: plain, B transposed (x @ W.T: the shim's kernel),
+# A transposed, and addmm's beta with either B; row counts around the kernel's 2- and
+# 4-row blocks and its row limit; k with and without a ragged tail, n with ragged blocks
+for rows in (1, 2, 3, 5, 16, 17, 32, 33, 64):
+    for k, n in ((300, 203), (576, 960)):
+        a = rng.standard_normal((rows, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        c = rng.standard_normal((rows, n)).astype(np.float32)
+        before = blas.kernel_products()
+        bt = mx.array(b.T.copy()).T
+        got = [mx.array(a) @ mx.array(b), mx.array(a) @ bt, mx.array(a.T.copy()).T @ mx.array(b),
+               mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=0.5, beta=2.0),
+               mx.addmm(mx.array(c), mx.array(a), bt, alpha=0.5, beta=2.0)]
+        want = [a @ b, a @ b, a @ b] + [2.0 * c + 0.5 * (a @ b)] * 2
+        err = max([err] + [float(np.abs(np.asarray(g) - w).max()) for g, w in zip(got, want)])
+        ours[rows] = ours.get(rows, 0) + blas.kernel_products() - before
 print(json.dumps({"loaded": blas.loaded, "threads_set": blas.set_threads(1), "err": err,
-                  "gemv": gemv}))
+                  "kernel": blas.kernel(), "ours": ours}))
 """
 
 
@@ -45,13 +51,71 @@ def probe(**env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_kernels() -> list[str]:
+    """The shim kernels this CPU can run (the best is used by default)."""
+    flags = open("/proc/cpuinfo").read().split()
+    if "avx2" not in flags or "fma" not in flags:
+        return ["none"]
+    return ["none", "avx2"] + (["avx512"] if {"avx512f", "avx512vl"} <= set(flags) else [])
+
+
+KERNEL_ROWS = {"none": 0, "avx2": 16, "avx512": 32}  # the shim's row limit per kernel
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
-def test_recipe_blas_is_openblas_behind_the_shim_and_multiplies_correctly():
-    res = probe()
-    assert res["loaded"] and "scipy_openblas" in res["loaded"], res
-    assert res["threads_set"] is True
-    assert res["err"] < 1e-3, res
-    assert res["gemv"] == [4, 0, 0], res  # only one-row products take sgemv
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_recipe_blas_is_openblas_behind_the_shim_and_multiplies_correctly(threads):
+    for kernel in cpu_kernels():
+        res = probe(KERNEL=kernel, THREADS=threads)
+        assert res["loaded"] and "scipy_openblas" in res["loaded"], res
+        assert res["kernel"] == kernel and res["threads_set"] is True, res
+        assert res["err"] < 1e-3, res
+        # only x @ W.T products (plain and in addmm) of up to the limit's rows take our
+        # kernel: 2 layouts x 2 shapes
+        want = {str(r): 4 if r <= KERNEL_ROWS[kernel] else 0 for r in (1, 2, 3, 5, 16, 17, 32, 33, 64)}
+        assert res["ours"] == want, res
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
+def test_kernel_env_switches_the_kernel_off():
+    res = probe(VLLM_RAY_METAL_BLAS_KERNEL="none")
+    assert res["kernel"] == "none" and res["err"] < 1e-3, res
+    assert set(res["ours"].values()) == {0}, res
+
+
+FORK = """
+import ctypes, os
+import numpy as np
+from vllm_ray_metal import blas
+import mlx.core as mx
+blas.set_threads(2)
+rng = np.random.default_rng(0)
+a = rng.standard_normal((4, 512)).astype(np.float32)
+w = rng.standard_normal((1024, 512)).astype(np.float32)
+assert np.abs(np.asarray(mx.array(a) @ mx.array(w).T) - a @ w.T).max() < 1e-3
+# the kernel's helper threads are running now. MLX's own stream thread does not survive
+# fork(), so the child calls the shim directly, as MLX would: C = A W^T
+pid = os.fork()
+if pid == 0:
+    c = np.zeros((4, 1024), np.float32)
+    f = ctypes.c_float
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)
+    blas._shim.cblas_sgemm(101, 111, 112, 4, 1024, 512, f(1.0), ptr(a), 512, ptr(w), 512,
+                           f(0.0), ptr(c), 1024)
+    os._exit(0 if np.abs(c - a @ w.T).max() < 1e-3 and blas.kernel_products() == 2 else 1)
+_, status = os.waitpid(pid, 0)
+print("child", os.WEXITSTATUS(status))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
+def test_kernel_threads_survive_fork():
+    if cpu_kernels() == ["none"]:
+        pytest.skip("this CPU has no AVX2: the shim's kernel is off")
+    out = subprocess.run([sys.executable, "-c", FORK], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["child", "0"], out.stdout  # right, on the kernel, no hang
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS preloading is Linux-only")
@@ -60,7 +124,7 @@ def test_mkl_when_asked_and_correct():
     res = probe(VLLM_RAY_METAL_BLAS="mkl")
     assert res["loaded"] and "libmkl_rt" in res["loaded"], res
     assert res["threads_set"] is True and res["err"] < 1e-3, res
-    assert res["gemv"] == [0, 0, 0], res  # no shim: MKL's own sgemm
+    assert set(res["ours"].values()) == {0}, res  # no shim: MKL's own sgemm
 
 
 def test_no_compiler_means_no_shim(tmp_path, monkeypatch):

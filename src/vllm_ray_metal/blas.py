@@ -7,23 +7,26 @@ order of preference:
 
 * OpenBLAS from the ``scipy-openblas32`` wheel behind a small ``cblas_sgemm`` shim
   (``sgemm_shim.c``, built once with the system C compiler into the user cache): the
-  wheel only exports ``scipy_``-prefixed names, and the shim also sends one-row products
-  (single-sequence decode) to ``sgemv``, which uses every thread. Measured here against
-  MKL (raw SmolLM2 fp32 decode step, median): 63.7 -> 45.5 ms at 1 row, 81.7 -> 65.2 at
-  4, 114 -> 92 at 16; the streamed output projection (49152 x 576) ran at 10 GB/s as
-  sgemm (MKL or OpenBLAS, one core's bandwidth) and 23 GB/s as OpenBLAS sgemv;
+  wheel only exports ``scipy_``-prefixed names, and the shim runs products of a few rows
+  (decode steps) in its own kernel, which streams the weights once instead of packing
+  them. Raw SmolLM2 fp32 decode step, median: MKL 63.7 ms at 1 row and 114 at 16;
+  OpenBLAS (one-row products as sgemv) 41.6 and 98; see ``sgemm_shim.c`` and
+  ``benchmarks/bench_blas.py`` for the kernel's own figures;
 * Intel MKL from this Python environment (the ``mkl`` wheel), when no compiler is found;
 * Debian's / Fedora's pthreads OpenBLAS (``apt-get install libopenblas0-pthread``).
 
 ``VLLM_RAY_METAL_BLAS=none`` keeps MLX's own, ``mkl`` skips the shim, a path chooses a
-library. Nothing is loaded when the platform is switched off (``VLLM_RAY_METAL_DISABLE``),
-so a stock vLLM process keeps its own libraries. macOS uses Accelerate through MLX's own
-build: nothing to do.
+library; ``VLLM_RAY_METAL_BLAS_KERNEL=none|avx2|avx512`` caps the shim's own kernel
+(``none``: OpenBLAS does every product). Nothing is loaded when the platform is switched
+off (``VLLM_RAY_METAL_DISABLE``), so a stock vLLM process keeps its own libraries. macOS
+uses Accelerate through MLX's own build: nothing to do.
 
 Threads: Ray starts actors with ``OMP_NUM_THREADS=1``, which these libraries obey, so a
 worker would run its matrix products on one core. :func:`set_threads` sets the count
-explicitly (the worker gives each of its node's ranks an equal share of the cores), and
-:func:`set_spin` decides whether MKL's threads spin between products.
+explicitly (the worker gives each of its node's ranks an equal share of the cores; the
+shim's kernel uses as many as OpenBLAS is set to), and :func:`set_spin` decides whether
+MKL's threads spin between products. OpenBLAS's idle threads are told to sleep at once
+(``OPENBLAS_THREAD_TIMEOUT``): spinning, they held a core the kernel's threads needed.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from pathlib import Path
 
 BLAS_ENV = "VLLM_RAY_METAL_BLAS"
 THREADS_ENV = "VLLM_RAY_METAL_BLAS_THREADS"
+KERNEL_ENV = "VLLM_RAY_METAL_BLAS_KERNEL"
 NODE_RANKS_ENV = "VLLM_RAY_METAL_NODE_RANKS"  # set by the executor: its ranks on this node
 HOST_RANKS_ENV = "VLLM_RAY_METAL_HOST_RANKS"  # set by the executor: MLX ranks on this machine
+THREAD_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"  # log2 of the cycles its idle threads spin
 BLOCKTIME_ENV = "KMP_BLOCKTIME"  # Intel OpenMP (MKL's threads): ms to spin after a product
 OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",  # Debian/Ubuntu
@@ -50,7 +55,7 @@ OPENBLAS = (
 )
 
 SHIM_SOURCE = Path(__file__).with_name("sgemm_shim.c")
-GEMV_MAX_ROWS = 1  # products of up to this many rows go to sgemv (2 rows: sgemm is faster)
+KERNELS = {"none": 0, "avx2": 1, "avx512": 2}  # the shim's KERNEL_* values
 
 loaded: str | None = None
 _shim: ctypes.CDLL | None = None
@@ -124,7 +129,7 @@ def build_shim(cache: Path | None = None) -> Path | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # processes may race: build
     os.close(fd)                                           # apart, rename atomically
     try:
-        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp,
+        done = subprocess.run([compiler, "-O3", "-pthread", "-shared", "-fPIC", "-o", tmp,
                                str(SHIM_SOURCE)], capture_output=True, timeout=120)
         if done.returncode != 0:
             return None
@@ -147,6 +152,9 @@ def _load_openblas_shim() -> bool:
     shim_path = build_shim() if library else None
     if shim_path is None:
         return False
+    # OpenBLAS's idle threads busy-wait ~2^28 cycles (~0.1 s) after each threaded call; they
+    # would hold a core the shim's kernel threads and MLX need. 2^4 cycles: sleep at once.
+    os.environ.setdefault(THREAD_TIMEOUT_ENV, "4")  # read when the library loads
     try:
         openblas = ctypes.CDLL(library)  # local scope: only the shim calls it
         shim = ctypes.CDLL(str(shim_path), mode=ctypes.RTLD_GLOBAL)
@@ -154,15 +162,37 @@ def _load_openblas_shim() -> bool:
         return False
     addr = ctypes.c_void_p
     shim.vrm_bind(ctypes.cast(openblas.scipy_cblas_sgemm, addr),
-                  ctypes.cast(openblas.scipy_cblas_sgemv, addr), ctypes.c_int(GEMV_MAX_ROWS))
-    shim.vrm_gemv_products.restype = ctypes.c_long
+                  ctypes.cast(openblas.scipy_cblas_sgemv, addr),
+                  ctypes.cast(openblas.scipy_openblas_get_num_threads, addr))
+    shim.vrm_kernel_products.restype = ctypes.c_long
     _lib, _shim, loaded = openblas, shim, library
+    if os.environ.get(KERNEL_ENV, "").strip():
+        use_kernel(os.environ[KERNEL_ENV].strip().lower())
     return True
 
 
-def gemv_products() -> int:
-    """How many products the shim sent to sgemv in this process (0 without the shim)."""
-    return 0 if _shim is None else int(_shim.vrm_gemv_products())
+def kernel_products() -> int:
+    """How many products the shim's own kernel ran in this process (0 without the shim)."""
+    return 0 if _shim is None else int(_shim.vrm_kernel_products())
+
+
+def use_kernel(limit: str = "avx512") -> str | None:
+    """Cap the shim's kernel (``none``, ``avx2``, ``avx512``); the one now in use, or None
+    without the shim. The best one the CPU runs is chosen at load; tests pick each."""
+    if limit not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={limit!r}: use one of {', '.join(KERNELS)}")
+    if _shim is None:
+        return None
+    _shim.vrm_use_kernel(ctypes.c_int(KERNELS[limit]))
+    return kernel()
+
+
+def kernel() -> str | None:
+    """The shim's kernel in use (``none``, ``avx2``, ``avx512``), or None without the shim."""
+    if _shim is None:
+        return None
+    current = _shim.vrm_kernel()
+    return next(name for name, value in KERNELS.items() if value == current)
 
 
 def set_threads(count: int) -> bool:
