@@ -308,18 +308,24 @@ void vrm_bind(void *sgemm, void *sgemv, void *get_threads) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
-    if (order == ROW_MAJOR && trans_a == NO_TRANS && m > 0 && n > 0 && k > 0) {
-        if (kernel != KERNEL_NONE && trans_b == TRANS && m <= kernel_max_rows) {
+    if (order == ROW_MAJOR && m == 1 && trans_a == TRANS && lda == 1) {
+        trans_a = NO_TRANS; /* one row stored as a column: the same contiguous k floats (MLX */
+        lda = k;            /* passes a stacked [1, k] row this way) */
+    }
+    if (order == ROW_MAJOR && n > 0 && k > 0) {
+        if (kernel != KERNEL_NONE && trans_a == NO_TRANS && trans_b == TRANS && m > 0 &&
+            m <= kernel_max_rows) {
             __atomic_fetch_add(&kernel_products, 1, __ATOMIC_RELAXED);
             const struct product p = {m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
             run_product(&p);
             return;
         }
         if (m == 1) { /* one row: OpenBLAS's sgemv, which (unlike its sgemm) uses its threads */
+            const int incx = trans_a == NO_TRANS ? 1 : lda;
             if (trans_b == NO_TRANS) /* B is k x n: c = B^T a */
-                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, 1, beta, c, 1);
+                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
             else /* B is n x k: c = B a */
-                gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, 1, beta, c, 1);
+                gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1);
             return;
         }
     }
