@@ -80,15 +80,10 @@ def main() -> None:
                   "figure": f"{base:.1f} vs {ours:.1f} ms", "ratio": f"{base / ours:.2f}",
                   "target": "—"}],
     }
-    path = common.save("blas_kernel", payload, args.smoke)
     series = {label: ([int(r) for r in by_rows], list(by_rows.values()))
               for label, by_rows in results.items()}
-    common.plot(path.with_suffix(".png"), "Weight products of one decode step", series,
-                "rows (sequences)", "ms", logx=True)
-    if not args.smoke:
-        common.write_markdown()
-    print(path)
-
+    common.publish("blas_kernel", payload, args.smoke, "Weight products of one decode step",
+                   series, "rows (sequences)", "ms", logx=True)
 
 if __name__ == "__main__":
     main()

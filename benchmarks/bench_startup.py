@@ -141,13 +141,10 @@ def main() -> None:
                         "native (ours on a plain node in brackets)",
                         "figure": f"{warm:.1f} s vs {cpu:.1f} s ({ours:.1f} s)",
                         "ratio": f"{warm / cpu:.2f} ({ours / cpu:.2f})", "target": "≤ 0.3"})
-    path = common.save("startup", {"results": res, "rows": rows, "notes": [NOTE]}, args.smoke)
-    common.plot(path.with_suffix(".png"), "Start-up seconds (one script per run)",
-                {s: ([i + 1 for i in range(len(r["ready_s"]))], r["ready_s"])
-                 for s, r in res.items()}, "run", "seconds")
-    if not args.smoke:
-        common.write_markdown()
-    print(path)
+    common.publish("startup", {"results": res, "rows": rows, "notes": [NOTE]}, args.smoke,
+                   "Start-up seconds (one script per run)",
+                   {s: ([i + 1 for i in range(len(r["ready_s"]))], r["ready_s"])
+                    for s, r in res.items()}, "run", "seconds")
 
 
 if __name__ == "__main__":

