@@ -54,11 +54,15 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "few-row kernel (sgemm_shim.c) replaced OpenBLAS's sgemm for these 4-row products: "
         "TP=1 went 4.71 -> 15.4 tok/s and TP=2 8.37 -> 23.9, so the ratio fell from 1.78 to "
         "~1.55. OpenBLAS's one-thread sgemm had been bound by packing, which TP halves; the "
-        "kernel is bound by memory bandwidth, which both ranks share here: TP=1 reads ~3.9 GB "
-        "a step (layers and output matrix) at ~15 GB/s on one core, each TP=2 rank ~1.9 GB, "
-        "~23 GB/s together, and two cores of this machine read at ~30 GB/s at most. On two "
-        "Macs each rank would have its own memory bus (not measured).")
-
+        "kernel streams the weights near one core's bandwidth (one 4-row reader: 17.5 GB/s; "
+        "two processes at once: 17.5 GB/s each). Instrumented steps (4 rows): TP=1 272 ms "
+        "(forward 244, reading ~3.9 GB at ~16 GB/s; logits 23), each TP=2 rank 183 ms "
+        "(forward 165, ~1.9 GB at ~12 GB/s; logits and all-gather 14). So TP=2's ranks lose "
+        "~55 ms a step to what TP adds, against ~23 ms of non-streaming work on TP=1: 44 MLX "
+        "ring all-reduces over loopback TCP, each also waiting for the slower rank (~0.7 ms "
+        "each if they account for the ~30 ms difference; not timed per call), on two cores "
+        "that also run the engine and Ray. On two Macs each rank has its own cores and "
+        "memory bus, and the all-reduces cross a real link instead (not measured).")
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
     """A random-weight llama in HF format, written directly as safetensors (no torch)."""

@@ -94,3 +94,45 @@ def test_too_few_units_message_names_counts_and_command():
     import ray
 
     assert not ray.is_initialized()  # building the message must not start a local Ray
+
+
+
+def test_response_reads_do_not_sleep_through_a_lost_notification():
+    """vLLM's queue reader sleeps on a zmq notification from the writer, and now and then
+    that notification never arrives (5-6 times in a start of LLM(...); ~0.5% of replies sent
+    a millisecond apart between two processes): the read then sleeps until its poll times
+    out. The engine reads worker replies through ``_WatchedQueue``, whose short poll step
+    bounds such a stall; with upstream's 1 s step those stalls were ~2 s of a ~4.5 s start.
+    Here the reader's notifications are switched off (it unsubscribes from the writer's
+    socket: vllm...shm_broadcast.SpinCondition.local_notify_socket), so every read
+    depends on the poll step."""
+    import threading
+    import time
+
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    from vllm_ray_metal import compat
+    from vllm_ray_metal.executor import _WatchedQueue
+
+    writer = MessageQueue(n_reader=1, n_local_reader=1)
+    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
+    ready = threading.Thread(target=writer.wait_until_ready)
+    ready.start()
+    reader.wait_until_ready()
+    ready.join()
+    compat.set_reader_spin(reader, 0.0)  # as the executor sets it: sleep, don't spin
+    reader._spin_condition.local_notify_socket.setsockopt_string(zmq.UNSUBSCRIBE, "")
+
+    class Alive:  # the executor's state as the queue reads it (weakly referenced)
+        is_failed = shutting_down = False
+
+    alive = Alive()
+    watched = _WatchedQueue(reader, alive)
+    for k in range(5):
+        later = threading.Timer(0.05, writer.enqueue, args=((k, time.perf_counter() + 0.05),))
+        later.start()
+        got, sent = watched.dequeue(timeout=30)
+        waited = time.perf_counter() - sent
+        later.join()
+        assert got == k and waited < 0.5, (k, waited)

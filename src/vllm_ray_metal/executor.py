@@ -94,9 +94,15 @@ class _WatchedQueue:
     Upstream waits on a dead worker's queue for the whole execute timeout (300 s); the
     worker monitor marks the executor failed within seconds, and this makes the pending
     read see it, so ``LLM.generate`` raises promptly instead of hanging.
+
+    The poll step is short because the reader (which sleeps instead of spinning, see
+    ``response_spin_s``) waits on a zmq notification from the worker that is sometimes
+    lost: 5-6 times in each start of ``LLM(...)`` here, each then sleeping for the whole
+    step. With a 1 s step that was ~2 s of a 4.2-5.3 s start on a ``--preload`` node;
+    with 10 ms the start takes 2.2 s. Each step costs one zmq poll while the reply is due.
     """
 
-    POLL_S = 1.0
+    POLL_S = 0.01
 
     def __init__(self, queue, executor: "RayMetalExecutor") -> None:
         self._queue = queue
