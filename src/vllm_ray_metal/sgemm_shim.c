@@ -43,7 +43,6 @@ static sgemm_fn gemm;
 static sgemv_fn gemv;
 static threads_fn blas_threads; /* our kernel uses as many threads as OpenBLAS is set to */
 static int kernel;              /* KERNEL_* in use */
-static int kernel_max_rows;     /* products of up to this many rows take our kernel */
 static long kernel_products;    /* how many products took our kernel (for tests) */
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -126,6 +125,13 @@ static void __attribute__((noinline)) TARGET("avx2,fma") block_avx2(BLOCK_PARAMS
     else block(mr, nr, BLOCK_ARGS);
 }
 
+/* What each kernel is: its block function, rows of A per block, and the row limit above
+ * which OpenBLAS's packing pays off (bench_blas.py). Indexed by KERNEL_*. */
+static const struct {
+    void (*block)(BLOCK_PARAMS);
+    int block_rows, max_rows;
+} KERNELS[] = {{NULL, 0, 0}, {block_avx2, 2, 16}, {block_avx512, 4, 32}};
+
 /* C = alpha * A B^T + beta * C for B rows [n0, n1); A m x k, B n x k, all row-major. */
 struct product {
     int m, n, k, lda, ldb, ldc;
@@ -135,7 +141,7 @@ struct product {
 };
 
 static void skinny_abt(const struct product *p, int n0, int n1) {
-    const int mr_max = kernel == KERNEL_AVX512 ? 4 : 2;
+    const int mr_max = KERNELS[kernel].block_rows;
     for (int j0 = n0; j0 < n1; j0 += NR) {
         const int nr = n1 - j0 < NR ? n1 - j0 : NR;
         const float *bj = p->b + (ptrdiff_t)j0 * p->ldb;
@@ -144,10 +150,7 @@ static void skinny_abt(const struct product *p, int n0, int n1) {
         for (int i0 = 0; i0 < p->m; i0 += mr_max) {
             const int mr = p->m - i0 < mr_max ? p->m - i0 : mr_max;
             const float *ai = p->a + (ptrdiff_t)i0 * p->lda;
-            if (kernel == KERNEL_AVX512)
-                block_avx512(mr, nr, p->k, ai, p->lda, bj, p->ldb, next, out);
-            else
-                block_avx2(mr, nr, p->k, ai, p->lda, bj, p->ldb, next, out);
+            KERNELS[kernel].block(mr, nr, p->k, ai, p->lda, bj, p->ldb, next, out);
             for (int i = 0; i < mr; i++)
                 for (int j = 0; j < nr; j++) {
                     float *y = p->c + (ptrdiff_t)(i0 + i) * p->ldc + j0 + j;
@@ -294,7 +297,6 @@ int vrm_use_kernel(int limit) {
         best = KERNEL_AVX512;
 #endif
     kernel = best < limit ? best : limit;
-    kernel_max_rows = kernel == KERNEL_AVX512 ? 32 : 16;
     return kernel;
 }
 
@@ -313,8 +315,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         lda = k;            /* passes a stacked [1, k] row this way) */
     }
     if (order == ROW_MAJOR && n > 0 && k > 0) {
-        if (kernel != KERNEL_NONE && trans_a == NO_TRANS && trans_b == TRANS && m > 0 &&
-            m <= kernel_max_rows) {
+        if (trans_a == NO_TRANS && trans_b == TRANS && m > 0 &&
+            m <= KERNELS[kernel].max_rows) {
             __atomic_fetch_add(&kernel_products, 1, __ATOMIC_RELAXED);
             const struct product p = {m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
             run_product(&p);
