@@ -48,3 +48,13 @@ def test_blas_kernel_smoke():
     assert len(data["results"]) == 4  # OpenBLAS and the kernel, 1 and 2 threads
     assert all(ms > 0 for by_rows in data["results"].values() for ms in by_rows.values())
     assert data["rows"][0]["id"] == "B1"
+
+
+def test_tp_profile_smoke():
+    data = run_smoke("profile_tp.py")
+    assert set(data["step_ms"]) == {"tp1", "tp2-alone", "tp2-shared", "tp2", "tp2-timed"}
+    assert all(ms > 0 for ms in data["step_ms"].values())
+    assert len(data["results"]["tp2-alone"]) == 1 and len(data["results"]["tp2"]) == 2
+    # each decode step all-reduces after the attention and the MLP of its 2 layers
+    assert data["all_reduce"]["calls"] == 4 * 3 and data["all_reduce"]["latency_mean_ms"] > 0
+    assert [r["id"] for r in data["rows"]] == ["P3 why", "P3 why"]
