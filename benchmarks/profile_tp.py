@@ -41,17 +41,19 @@ import common  # noqa: E402
 
 MODES = ("tp1", "tp2-alone", "tp2-shared", "tp2", "tp2-timed")
 NOTE = ("P3 why (profile_tp.py, two runs on 2026-11-30, bench_tp's ~1.1B llama, 4 rows, "
-        "decoder stack only; the table holds the second): TP=1 255.0 / 247.2 ms a step; one "
-        "TP=2 rank alone, without all-reduces, 135.6 / 139.9 ms (1.88 / 1.77x: what halving "
+        "decoder stack only; the table holds the second): TP=1 248.9 / 255.2 ms a step; one "
+        "TP=2 rank alone, without all-reduces, 130.5 / 133.5 ms (1.91x both: what halving "
         "the weights buys, with the per-step work that does not halve); both ranks at once "
-        "142.5 / 140.8 ms (1.79 / 1.76x: sharing one machine's memory bus and 2 cores); with "
-        "MLX's ring all-reduces 160.2 / 150.4 ms (1.59 / 1.64x). In the full stack the "
+        "145.4 / 153.5 ms (1.71 / 1.66x: sharing one machine's memory bus and 2 cores); with "
+        "MLX's ring all-reduces 158.4 / 171.0 ms (1.57 / 1.49x). (Two earlier runs on "
+        "mlx-lm's plain layers, without the runner's fused projections, compiled norms and "
+        "numpy SwiGLU: 1.88 / 1.79 / 1.59 and 1.77 / 1.76 / 1.64.) In the full stack the "
         "engine, Ray and the logits take the ratio to the 1.35-1.55 bench_tp gives across "
         "runs (TP=1's step in Ray is within noise of this step plus its logits; TP=2's is "
         "~15-20 ms longer: the engine and raylets run at nice 0, Ray's workers at 15, and "
         "time taken from either rank stalls both at the next all-reduce). Timed one by one "
-        "(44 a step), a typical all-reduce takes 0.11-0.15 ms after both ranks arrive, but "
-        "the tail (p99 5.1 / 9.4 ms) carries 69 / 83% of the collectives' time. MLX's ring "
+        "(44 a step), a typical all-reduce takes 0.11-0.16 ms after both ranks arrive, but "
+        "the tail (p99 5.2 / 7.5 ms) carries 75 / 77% of the collectives' time. MLX's ring "
         "backend (read in its source) serves each socket with a thread that retries a "
         "non-blocking send/recv in a loop while work is pending, so with one core per rank "
         "a spinning receiver can hold a core that a sender or its rank's next step needs "
@@ -76,6 +78,13 @@ def rank_process(rank: int, world: int, model: str, rows: int, steps: int) -> No
     if group is not None:
         net.shard(group)
     mx.eval(net.parameters())
+    from vllm_ray_metal import fused, jit, rmsnorm, swiglu
+
+    with jit.kernel_lock():  # the runner's CPU wrappers, as it installs them (but rope's
+        swiglu.install(net)  # per-step tables, which need the runner's positions)
+    rmsnorm.install(net)
+    fused.install(net)
+    jit.prebuild(net, mx.float32)
 
     real_all_sum, calls, how = mx.distributed.all_sum, [], {"reduce": "real"}
 
