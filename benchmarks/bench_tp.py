@@ -59,9 +59,9 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "(forward 244, reading ~3.9 GB at ~16 GB/s; logits 23), each TP=2 rank 183 ms "
         "(forward 165, ~1.9 GB at ~12 GB/s; logits and all-gather 14). So TP=2's ranks lose "
         "~55 ms a step to what TP adds, against ~23 ms of non-streaming work on TP=1: 44 MLX "
-        "ring all-reduces over loopback TCP, each also waiting for the slower rank (~0.7 ms "
-        "each if they account for the ~30 ms difference; not timed per call), on two cores "
-        "that also run the engine and Ray. On two Macs each rank has its own cores and "
+        "ring all-reduces over loopback TCP, each also waiting for the slower rank, on two "
+        "cores that also run the engine and Ray; benchmarks/profile_tp.py has since split "
+        "the step and timed the all-reduces one by one (its note). On two Macs each rank has its own cores and "
         "memory bus, and the all-reduces cross a real link instead (not measured).")
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
