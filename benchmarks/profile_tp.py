@@ -132,19 +132,25 @@ class Ranks:
 
     def __init__(self, world: int, model: str, rows: int, steps: int) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.hostfile, self.procs = None, []
         if world > 1:
             hosts = [[f"{ip}:{free_port(ip)}"] for ip in bench_tp.NODES[:world]]
             fd, self.hostfile = tempfile.mkstemp(suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump(hosts, f)
             env["MLX_HOSTFILE"] = self.hostfile
-        self.procs = [subprocess.Popen(
-            [sys.executable, __file__, "--child", str(rank), "--world", str(world),
-             "--model", model, "--rows", str(rows), "--steps", str(steps)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**env, "MLX_RANK": str(rank)}) for rank in range(world)]
-        for p in self.procs:
-            self._read(p)  # "ready"
+        try:
+            for rank in range(world):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--child", str(rank), "--world", str(world),
+                     "--model", model, "--rows", str(rows), "--steps", str(steps)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    env={**env, "MLX_RANK": str(rank)}))
+            for p in self.procs:
+                self._read(p)  # ready
+        except BaseException:
+            self.close(graceful=False)
+            raise
 
     @staticmethod
     def _read(p: subprocess.Popen) -> dict:
@@ -160,22 +166,31 @@ class Ranks:
             self.procs[r].stdin.flush()
         return [self._read(self.procs[r]) for r in ranks]
 
-    def __enter__(self) -> "Ranks":
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self, graceful: bool = True) -> None:
+        """Stop the ranks: asked to quit, or killed (after a failure a peer may be stuck in
+        a collective that never completes)."""
         for p in self.procs:
             if p.poll() is None:
-                p.stdin.write("quit\n")
-                p.stdin.close()
+                if graceful:
+                    p.stdin.write("quit\n")
+                    p.stdin.close()
+                else:
+                    p.kill()
         for p in self.procs:
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        if getattr(self, "hostfile", None):
+        if self.hostfile:
             os.unlink(self.hostfile)
+            self.hostfile = None
+
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(graceful=exc_type is None)
 
 
 def free_port(ip: str) -> int:
