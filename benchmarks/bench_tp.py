@@ -61,8 +61,9 @@ NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with t
         "~55 ms a step to what TP adds, against ~23 ms of non-streaming work on TP=1: 44 MLX "
         "ring all-reduces over loopback TCP, each also waiting for the slower rank, on two "
         "cores that also run the engine and Ray; benchmarks/profile_tp.py has since split "
-        "the step and timed the all-reduces one by one (its note). On two Macs each rank has its own cores and "
-        "memory bus, and the all-reduces cross a real link instead (not measured).")
+        "the step and timed the all-reduces one by one (its note). On two Macs each rank "
+        "has its own cores and memory bus, and the all-reduces cross a real link instead "
+        "(not measured).")
 
 def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
     """A random-weight llama in HF format, written directly as safetensors (no torch)."""
