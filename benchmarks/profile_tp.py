@@ -1,8 +1,9 @@
 """Why P3 falls short: where a TP=2 decode step loses against half of a TP=1 step.
 
 bench_tp.py times the whole stack; this script takes its llama's decoder stack alone
-(mlx-lm's model and KV cache, this package's BLAS shim, one BLAS thread a process, a
-batch of rows decoding after a 32-token prompt, no logits) through four set-ups:
+(mlx-lm's model and KV cache with the runner's CPU wrappers, all but rope's per-step
+tables; this package's BLAS shim, one BLAS thread a process; a batch of rows decoding
+after a 32-token prompt, no logits) through four set-ups:
 
 * ``tp1``: one process with every weight;
 * ``tp2-alone``: rank 0 of a TP=2 shard runs while rank 1 idles, its all-reduces
