@@ -58,10 +58,15 @@ NOTE = ("P3 why (profile_tp.py, two runs on 2026-11-30, bench_tp's ~1.1B llama, 
         "backend (read in its source) serves each socket with a thread that retries a "
         "non-blocking send/recv in a loop while work is pending, so with one core per rank "
         "a spinning receiver can hold a core that a sender or its rank's next step needs "
-        "until the scheduler preempts it; that fits the slow tail but is not proven. Tried "
-        "without a change beyond noise: lower priority for the ring's threads, pinning each "
-        "rank to a core, shorter scheduler slices. On two Macs each rank has its own cores "
-        "and memory bus (not measured).")
+        "until the scheduler preempts it. Test of that: with the ring's sockets made blocking "
+        "(a 100 us or 1 ms receive timeout, so a waiting thread sleeps in the kernel; "
+        "scratch code, not in the package) the timed pass lost its tail (p99 0.3-0.5 ms, "
+        "0-6% of the time in slow calls, against p99 4.1-6.8 ms and 51-75% in the same "
+        "session), but the untimed step did not get faster (163-221 ms against 155-194): a "
+        "sleeping receiver then waits to be woken on a busy core. Also tried without a "
+        "change beyond noise: lower priority for the ring's threads or for the main "
+        "thread, pinning each rank to a core, shorter scheduler slices. On two Macs each "
+        "rank has its own cores and memory bus (not measured).")
 
 
 def rank_process(rank: int, world: int, model: str, rows: int, steps: int) -> None:
