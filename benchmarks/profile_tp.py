@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_tp  # noqa: E402
+import bench_tp  # noqa: E402  (puts tests/ on the path too)
 import common  # noqa: E402
+from ray_cluster import free_port  # noqa: E402
 
 MODES = ("tp1", "tp2-alone", "tp2-shared", "tp2", "tp2-timed")
 NOTE = ("P3 why (profile_tp.py, two runs on 2026-11-30, bench_tp's ~1.1B llama, 4 rows, "
@@ -197,12 +197,6 @@ class Ranks:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(graceful=exc_type is None)
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def collective_split(a: list, b: list) -> dict:

@@ -96,7 +96,6 @@ def test_too_few_units_message_names_counts_and_command():
     assert not ray.is_initialized()  # building the message must not start a local Ray
 
 
-
 def test_response_reads_do_not_sleep_through_a_lost_notification():
     """vLLM's queue reader sleeps on a zmq notification from the writer, and now and then
     that notification never arrives (5-6 times in a start of LLM(...); ~0.5% of replies sent
