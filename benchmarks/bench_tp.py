@@ -6,7 +6,11 @@ end-to-end rate (prefill included) is recorded next to it.
 
 Each rank runs on its own raylet (distinct loopback addresses stand in for two Macs) with
 one BLAS thread (``VLLM_RAY_METAL_BLAS_THREADS=1``), so TP=1 is one core and TP=2 is two:
-the ratio shows what splitting the weights and the MLX ring all-reduces buy.
+the ratio shows what splitting the weights and the MLX ring all-reduces buy. Every batch
+size in ``--prompts`` runs on the same ``LLM``: a few rows stream the weights, many rows
+are bound by arithmetic, and TP halves the two differently. Over the timed runs each
+rank's CPU is split by thread (compute stream, Python, the rest), to show where TP=2's
+two cores go.
 
     python benchmarks/bench_tp.py            # full run: ~1.1B params, fp32 (~4.4 GB)
     python benchmarks/bench_tp.py --smoke    # seconds: a tiny llama, few tokens
@@ -33,7 +37,20 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
 SMOKE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=4)
 NODES = ["127.0.0.92", "127.0.0.93"]
-NOTE = ("P3: both ranks share one machine's memory bandwidth and 2 cores (with the engine, Ray "
+NOTE = ("P3 at two batch sizes (2026-11-30, 16 new tokens, 3 repeats; the sizes share one "
+        "LLM per TP size, and each rank's CPU is split by thread with psutil over the timed "
+        "runs): at 4 prompts TP=2 gives 1.51x, at 16 prompts 1.74x. At 4 prompts a step "
+        "streams the weights (TP=1: 373 ms of CPU a step in MLX's compute thread); at 16 it "
+        "is bound by arithmetic (1025 ms, 2.7x the work for 4x the rows), which TP halves "
+        "exactly (491 ms on each TP=2 rank), while the weight stream does not halve when "
+        "both ranks share one memory bus (201 ms a rank at 4 prompts against 187 for half "
+        "of TP=1). Each TP=2 rank also spends 20-26 ms a step (58-60 at 16 prompts) in "
+        "threads other than its compute and main threads, against 1-3 ms on TP=1: MLX's "
+        "ring sockets, whose threads retry a pending send or receive in a loop (see "
+        "profile_tp's note); on two cores those cycles come out of the ranks' compute. The "
+        "engine core used 6-11 ms of CPU a step and the ranks' main threads (vLLM's worker "
+        "loop, the graph build) 14-22. "
+        "P3: both ranks share one machine's memory bandwidth and 2 cores (with the engine, Ray "
         "and the raylets), and each step does 44 MLX ring all-reduces and one all-gather over "
         "loopback TCP; on two Macs each rank has its own memory bus (not measured). TP=2 "
         "decodes the same tokens as TP=1. Each rank holds 2.34 GB of the 4.28 GB (mlx-lm's "
@@ -101,9 +118,39 @@ def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
     return str(path)
 
 
-def child(tp: int, address: str, model: str, prompts: int, new_tokens: int,
+def thread_cpu(pids: list[int]) -> dict[int, dict[int, float]]:
+    """CPU seconds so far of each thread of each process (psutil; {} where unreadable)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+        except (psutil.Error, OSError):
+            out[pid] = {}
+    return out
+
+
+def cpu_split(used: dict[int, dict[int, float]], steps: int) -> list[dict]:
+    """Each rank's CPU ms a step from its threads' CPU seconds: the busiest thread (MLX's
+    compute stream), the main thread (Python: vLLM's worker loop and the graph build; known
+    where a thread id is the pid, as on Linux) and the rest (MLX's ring sockets, Ray)."""
+    ranks = []
+    for pid, threads in used.items():
+        if not threads:
+            continue
+        busiest = max(threads, key=threads.get)
+        main = threads.get(pid, 0.0) if pid != busiest else 0.0
+        rest = sum(threads.values()) - threads[busiest] - main
+        ranks.append({"pid": pid, "compute_ms": 1e3 * threads[busiest] / steps,
+                      "main_ms": 1e3 * main / steps, "other_ms": 1e3 * rest / steps})
+    return ranks
+
+
+def child(tp: int, address: str, model: str, sizes: list[int], new_tokens: int,
           repeats: int) -> dict:
-    """Driver on the cluster: LLM with TP ranks, timed greedy decoding of a batch."""
+    """Driver on the cluster: LLM with TP ranks, timed greedy decoding of each batch size."""
+    import psutil
     import ray
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -113,31 +160,50 @@ def child(tp: int, address: str, model: str, prompts: int, new_tokens: int,
     ray.init(address=address, logging_level="ERROR")
     llm = LLM(model=model, tensor_parallel_size=tp, distributed_executor_backend=RayMetalExecutor,
               max_model_len=512, kv_cache_memory_bytes=256 << 20, dtype="float32")
-    batch = [TokensPrompt(prompt_token_ids=list(range(100 + 7 * i, 132 + 7 * i)))
-             for i in range(prompts)]
+    info = llm.collective_rpc("node_info")
+    pids = [i["pid"] for i in info]  # the ranks run on this machine's loopback raylets
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    engine = psutil.Process()  # the engine core runs in this process (config.py)
+    by_size = {}
+    for prompts in sizes:
+        batch = [TokensPrompt(prompt_token_ids=list(range(100 + 7 * i, 132 + 7 * i)))
+                 for i in range(prompts)]
 
-    def timed(p: SamplingParams) -> tuple[float, list]:
-        t = time.perf_counter()
-        outs = llm.generate(batch, p, use_tqdm=False)
-        return time.perf_counter() - t, outs
+        def timed(p: SamplingParams) -> tuple[float, list]:
+            t = time.perf_counter()
+            outs = llm.generate(batch, p, use_tqdm=False)
+            return time.perf_counter() - t, outs
 
-    timed(params)  # warm-up
-    rates, decode_rates, first = [], [], None
-    for _ in range(repeats):
-        t_prefill, _ = timed(prefill)  # the prompts and their first token
-        t_all, outs = timed(params)
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        rates.append(tokens / t_all)
-        # decode only: the tokens after the first, over the time they added
-        decode_rates.append((tokens - len(batch)) / max(t_all - t_prefill, 1e-9))
-        first = first or [list(o.outputs[0].token_ids) for o in outs]
-    info = llm.collective_rpc("node_info")
-    return {"system": f"tp{tp}", "tok_s": common.median(decode_rates), "runs": decode_rates,
+        timed(params)  # warm-up
+        rates, decode_rates, first = [], [], None
+        wall = engine_cpu = 0.0
+        used: dict[int, dict[int, float]] = {}  # thread CPU seconds over the full runs
+        for _ in range(repeats):
+            t_prefill, _ = timed(prefill)  # the prompts and their first token
+            before, cpu0 = thread_cpu(pids), engine.cpu_times()
+            t_all, outs = timed(params)
+            after, cpu1 = thread_cpu(pids), engine.cpu_times()
+            wall += t_all
+            engine_cpu += cpu1.user + cpu1.system - cpu0.user - cpu0.system
+            for pid, threads in after.items():
+                mine = used.setdefault(pid, {})
+                for tid, cpu in threads.items():
+                    mine[tid] = mine.get(tid, 0.0) + cpu - before[pid].get(tid, 0.0)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            rates.append(tokens / t_all)
+            # decode only: the tokens after the first, over the time they added
+            decode_rates.append((tokens - len(batch)) / max(t_all - t_prefill, 1e-9))
+            first = first or [list(o.outputs[0].token_ids) for o in outs]
+        steps = repeats * new_tokens  # engine steps of the full runs
+        by_size[str(prompts)] = {
+            "tok_s": common.median(decode_rates), "runs": decode_rates,
             "end_to_end_tok_s": common.median(rates), "end_to_end_runs": rates,
-            "tokens": first, "ranks": [{k: i[k] for k in ("host_ip", "weight_bytes")}
-                                       for i in info]}
+            "tokens": first, "wall_ms_per_step": 1e3 * wall / steps,
+            "engine_cpu_ms_per_step": 1e3 * engine_cpu / steps,
+            "rank_cpu": cpu_split(used, steps)}
+    return {"system": f"tp{tp}", "by_prompts": by_size,
+            "ranks": [{k: i[k] for k in ("host_ip", "weight_bytes")} for i in info]}
 
 
 def run(tp: int, model: str, args) -> dict:
@@ -149,9 +215,39 @@ def run(tp: int, model: str, args) -> dict:
     with LocalRayCluster([(ip, {"METAL": 1}) for ip in NODES[:tp]], env=env).start(
             timeout=240) as c:
         return common.run_child(__file__, f"tp{tp}", [
-            "--address", c.address, "--model", model, "--prompts", str(args.prompts),
+            "--address", c.address, "--model", model, "--prompts", args.prompts,
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
             env=env)
+
+
+def rows_for(sizes: list[int], one: dict, two: dict, name: str) -> list[dict]:
+    """A P3 row for each batch size, then where TP=2's CPU went at the first size."""
+    rows = []
+    for n in sizes:
+        a, b = one["by_prompts"][str(n)], two["by_prompts"][str(n)]
+        rows.append({
+            "id": "P3", "measure": f"decode tok/s (after the first token), TP=2 (two raylets, "
+            f"1 BLAS thread each) ÷ TP=1 (1 thread); {name}, {n} prompts; end to end "
+            "(prefill included) in brackets",
+            "figure": f"{b['tok_s']:.2f} vs {a['tok_s']:.2f} tok/s "
+                      f"({b['end_to_end_tok_s']:.2f} vs {a['end_to_end_tok_s']:.2f})",
+            "ratio": f"{b['tok_s'] / a['tok_s']:.2f} "
+                     f"({b['end_to_end_tok_s'] / a['end_to_end_tok_s']:.2f})",
+            "target": "≥ 1.6"})
+    a, b = one["by_prompts"][str(sizes[0])], two["by_prompts"][str(sizes[0])]
+
+    def split(res: dict) -> str:
+        return "; ".join(f"{r['compute_ms']:.0f} / {r['main_ms']:.0f} / {r['other_ms']:.0f}"
+                         for r in res["rank_cpu"])
+    rows.append({
+        "id": "P3 why", "measure": f"CPU ms a step of each rank's threads during the timed "
+        f"runs ({sizes[0]} prompts): busiest (MLX's compute stream) / main (Python) / the rest "
+        "(MLX's ring sockets, Ray); the engine's; wall ms a step",
+        "figure": f"TP=1 {split(a)}; TP=2 {split(b)}",
+        "ratio": f"engine {a['engine_cpu_ms_per_step']:.0f} / "
+                 f"{b['engine_cpu_ms_per_step']:.0f}; wall {a['wall_ms_per_step']:.0f} / "
+                 f"{b['wall_ms_per_step']:.0f}", "target": "—"})
+    return rows
 
 
 def main() -> None:
@@ -160,16 +256,17 @@ def main() -> None:
     ap.add_argument("--address")
     ap.add_argument("--model")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", default="4,16", help="batch sizes, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.smoke:
+        args.prompts, args.new_tokens, args.repeats = "2,3", 4, 1
+    sizes = [int(n) for n in args.prompts.split(",")]
     if args.child:
-        common.emit(child(int(args.child[2:]), args.address, args.model, args.prompts,
+        common.emit(child(int(args.child[2:]), args.address, args.model, sizes,
                           args.new_tokens, args.repeats))
         return
-    if args.smoke:
-        args.prompts, args.new_tokens, args.repeats = 2, 4, 1
     from vllm_ray_metal import default_model
     from vllm_ray_metal.default_model import cache_root
 
@@ -182,19 +279,15 @@ def main() -> None:
             raise SystemExit(f"TP={tp} failed:\n{res['error']}")
         results[f"tp{tp}"] = res
     one, two = results["tp1"], results["tp2"]
-    ratio = two["tok_s"] / one["tok_s"]
-    e2e = two["end_to_end_tok_s"] / one["end_to_end_tok_s"]
-    rows = [{"id": "P3", "measure": f"decode tok/s (after the first token), TP=2 (two raylets, "
-             f"1 BLAS thread each) ÷ TP=1 (1 thread); {Path(model).name}, {args.prompts} "
-             "prompts; end to end (prefill included) in brackets",
-             "figure": f"{two['tok_s']:.2f} vs {one['tok_s']:.2f} tok/s "
-                       f"({two['end_to_end_tok_s']:.2f} vs {one['end_to_end_tok_s']:.2f})",
-             "ratio": f"{ratio:.2f} ({e2e:.2f})", "target": "≥ 1.6"}]
-    payload = {"results": results, "rows": rows, "same_tokens": one["tokens"] == two["tokens"],
-               "model": dict(SMOKE if args.smoke else FULL), "notes": [NOTE]}
+    same = all(one["by_prompts"][str(n)]["tokens"] == two["by_prompts"][str(n)]["tokens"]
+               for n in sizes)
+    payload = {"results": results, "rows": rows_for(sizes, one, two, Path(model).name),
+               "same_tokens": same, "model": dict(SMOKE if args.smoke else FULL),
+               "notes": [NOTE]}
     common.publish("tp_scaling", payload, args.smoke, "Decode throughput vs tensor-parallel ranks",
-                   {"ours": ([1, 2], [one["tok_s"], two["tok_s"]])}, "TP ranks (1 core each)",
-                   "output tok/s")
+                   {f"TP={tp}": (sizes, [results[f"tp{tp}"]["by_prompts"][str(n)]["tok_s"]
+                                         for n in sizes]) for tp in (1, 2)},
+                   "prompts decoded together", "decode tok/s")
 
 
 if __name__ == "__main__":

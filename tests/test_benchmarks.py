@@ -37,10 +37,17 @@ def test_startup_smoke():
 def test_tp_scaling_smoke():
     data = run_smoke("bench_tp.py")
     one, two = data["results"]["tp1"], data["results"]["tp2"]
-    assert one["tok_s"] > 0 and two["tok_s"] > 0
-    assert data["same_tokens"], (one["tokens"], two["tokens"])  # TP=2 decodes what TP=1 does
+    assert set(one["by_prompts"]) == set(two["by_prompts"]) == {"2", "3"}  # the sizes
+    for res in (one, two):
+        for size in res["by_prompts"].values():
+            assert size["tok_s"] > 0 and size["wall_ms_per_step"] > 0
+    assert data["same_tokens"]  # TP=2 decodes what TP=1 does, at every size
     assert len({r["host_ip"] for r in two["ranks"]}) == 2
-    assert data["rows"][0]["id"] == "P3"
+    # the CPU split found each rank's threads: one rank for TP=1, two for TP=2
+    assert len(one["by_prompts"]["2"]["rank_cpu"]) == 1
+    cpu = two["by_prompts"]["2"]["rank_cpu"]
+    assert len(cpu) == 2 and all(r["compute_ms"] > 0 for r in cpu)
+    assert [r["id"] for r in data["rows"]] == ["P3", "P3", "P3 why"]
 
 
 def test_blas_kernel_smoke():
