@@ -100,7 +100,8 @@ def build_model(path: Path, shape: dict, tokenizer_dir: str) -> str:
     def w(*dims: int) -> np.ndarray:
         return (rng.standard_normal(dims, dtype=np.float32) * 0.02)
 
-    tensors = {"model.embed_tokens.weight": w(49152, h), "model.norm.weight": np.ones(h, np.float32)}
+    tensors = {"model.embed_tokens.weight": w(49152, h),
+               "model.norm.weight": np.ones(h, np.float32)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors.update({
