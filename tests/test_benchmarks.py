@@ -43,10 +43,12 @@ def test_tp_scaling_smoke():
             assert size["tok_s"] > 0 and size["wall_ms_per_step"] > 0
     assert data["same_tokens"]  # TP=2 decodes what TP=1 does, at every size
     assert len({r["host_ip"] for r in two["ranks"]}) == 2
-    # the CPU split found each rank's threads: one rank for TP=1, two for TP=2
+    # the CPU split found each rank's threads: one rank for TP=1, two for TP=2 (whole
+    # runs' CPU only: thread times come in 10 ms ticks, a smoke step is shorter)
     assert len(one["by_prompts"]["2"]["rank_cpu"]) == 1
     cpu = two["by_prompts"]["2"]["rank_cpu"]
-    assert len(cpu) == 2 and all(r["compute_ms"] > 0 for r in cpu)
+    assert len(cpu) == 2
+    assert all(r["compute_ms"] + r["main_ms"] + r["other_ms"] > 0 for r in cpu)
     assert [r["id"] for r in data["rows"]] == ["P3", "P3", "P3 why"]
 
 
