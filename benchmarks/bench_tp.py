@@ -291,7 +291,7 @@ def main() -> None:
     payload = {"results": results, "rows": rows_for(sizes, one, two, Path(model).name),
                "same_tokens": same, "model": dict(SMOKE if args.smoke else FULL),
                "notes": [NOTE]}
-    common.publish("tp_scaling", payload, args.smoke, "Decode throughput vs tensor-parallel ranks",
+    common.publish("tp_scaling", payload, args.smoke, "Decode throughput, TP=1 and TP=2",
                    {f"TP={tp}": (sizes, [results[f"tp{tp}"]["by_prompts"][str(n)]["tok_s"]
                                          for n in sizes]) for tp in (1, 2)},
                    "prompts decoded together", "decode tok/s")
