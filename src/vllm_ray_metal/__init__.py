@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vllm_ray_metal import blas
-
-blas.preload()  # before anything imports mlx.core (see blas.py)
-
-from vllm_ray_metal.default_model import default_model  # noqa: E402
+from vllm_ray_metal.default_model import default_model
 
 __version__ = "0.1.0"
 __all__ = ["RayMetalExecutor", "default_model", "__version__"]
 
 if TYPE_CHECKING:
-    from vllm_ray_metal.executor import RayMetalExecutor
+    from vllm_ray_metal.distributed.executor import RayMetalExecutor
 
 
 RAY_MISSING = ("RayMetalExecutor needs Ray, which is not installed in this Python "
@@ -22,10 +18,11 @@ RAY_MISSING = ("RayMetalExecutor needs Ray, which is not installed in this Pytho
 
 
 def __getattr__(name: str):
-    # Lazy: importing the package (e.g. by vLLM's plugin loader) must not import Ray.
+    # Lazy: importing the package (e.g. by vLLM's plugin loader) must not import Ray, vLLM
+    # or MLX.
     if name == "RayMetalExecutor":
         try:
-            from vllm_ray_metal.executor import RayMetalExecutor
+            from vllm_ray_metal.distributed.executor import RayMetalExecutor
         except ImportError as exc:
             if (exc.name or "").split(".")[0] != "ray":
                 raise

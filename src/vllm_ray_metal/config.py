@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 
-from vllm_ray_metal import model_loader
-from vllm_ray_metal.platform import WORKER_QUALNAME
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import ray as compat_ray
+from vllm_ray_metal.compat import vllm as compat_vllm
+from vllm_ray_metal.engine import model_loader, pipeline, tensor_parallel
 
-
+WORKER_QUALNAME = "vllm_ray_metal.engine.worker.MLXWorker"
 DEFAULT_BLOCK_SIZE = 16
-AUTO_RAY_ENV = "VLLM_RAY_METAL_AUTO_RAY"
 EXECUTOR_QUALNAMES = {"vllm_ray_metal.RayMetalExecutor",
                       "vllm_ray_metal.executor.RayMetalExecutor"}
 
@@ -62,18 +63,15 @@ def apply_platform_config(vllm_config) -> None:
             "vllm-ray-metal (later stages learn sampled tokens from the scheduler, which "
             "sends them only without async scheduling); drop --async-scheduling.")
     if parallel.world_size > 1 and model_config is not None:
-        from vllm_ray_metal import parallel as mlx_parallel
-        from vllm_ray_metal import pipeline
-
         try:
             if parallel.tensor_parallel_size > 1:
-                mlx_parallel.check_tensor_parallel(
+                tensor_parallel.check_tensor_parallel(
                     model_config.hf_config, parallel.tensor_parallel_size,
                     model_loader.model_module(model_config.model))
             if pp > 1:
                 pipeline.check_family(model_loader.model_module(model_config.model))
                 pipeline.layer_ranges(model_config.get_total_num_hidden_layers(), pp)
-            mlx_parallel.mlx_backend()
+            tensor_parallel.mlx_backend()
         except ValueError as exc:
             raise UnsupportedConfig(str(exc)) from None
 
@@ -100,11 +98,10 @@ def apply_platform_config(vllm_config) -> None:
 
 def _configure_data_parallel(vllm_config) -> None:
     """Replicas are Ray actors (vLLM's Ray DP backend); see data_parallel.py."""
-    from vllm_ray_metal import data_parallel
-    from vllm_ray_metal.platform import ray_resource_key
+    from vllm_ray_metal.distributed import data_parallel
 
     try:
-        data_parallel.configure(vllm_config, ray_resource_key())
+        data_parallel.configure(vllm_config, envs.VLLM_RAY_METAL_RAY_KEY)
     except data_parallel.DataParallelError as exc:
         raise UnsupportedConfig(str(exc)) from None
 
@@ -129,7 +126,7 @@ def select_executor(parallel) -> None:
     A class given explicitly (e.g. stock ``RayExecutorV2``) is left alone.
     """
     backend = parallel.distributed_executor_backend
-    auto = os.environ.get(AUTO_RAY_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    auto = envs.VLLM_RAY_METAL_AUTO_RAY
     if backend in EXECUTOR_QUALNAMES or (auto and (
             backend == "ray" or (backend in ("uni", "mp", None) and _ray_in_use()))) or (
             backend in ("mp", "uni") and parallel.world_size > 1) or (
@@ -148,9 +145,7 @@ def select_executor(parallel) -> None:
             # The engine core only schedules (MLX runs in the Ray actors), so a spawned
             # engine process buys no overlap worth its start-up: it re-imports vLLM and
             # torch, over half of LLM(...)'s start. VLLM_ENABLE_V1_MULTIPROCESSING=1 keeps it.
-            from vllm_ray_metal import compat
-
-            compat.prefer_inproc_engine_core()
+            compat_vllm.prefer_inproc_engine_core()
 
 
 def _export_ray_address(world_size: int) -> None:
@@ -167,9 +162,8 @@ def _export_ray_address(world_size: int) -> None:
         raise UnsupportedConfig(RAY_MISSING) from None
     if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        from vllm_ray_metal import cluster
+        from vllm_ray_metal.distributed import cluster
 
-        os.environ[cluster.DRIVER_NODE_IP_ENV] = ray.util.get_node_ip_address()
-        from vllm_ray_metal.platform import ray_resource_key
-
-        cluster.check_capacity(ray_resource_key(), world_size)
+        # the engine process vLLM may spawn joins as a driver on this node (cluster.connect)
+        os.environ[cluster.DRIVER_NODE_IP_ENV] = compat_ray.node_ip()
+        cluster.check_capacity(envs.VLLM_RAY_METAL_RAY_KEY, world_size)

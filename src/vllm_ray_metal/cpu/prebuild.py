@@ -1,76 +1,25 @@
-"""Building MLX's fused CPU kernels: compiler check, cross-process lock, pre-building.
+"""Build the kernels of a model's compiled CPU wrappers before its first forward.
 
-On the CPU, ``mx.compile`` turns a chain of element-wise ops into C++ source, builds it
-with ``g++`` (~1 s a kernel; without ``g++`` MLX runs the ops unfused) and caches the
-library in ``<tmp>/mlx/<version>/cpu/``, shared by every process of the machine. MLX
-checks whether the library file exists and otherwise writes the source and runs the
-compiler in place, with nothing to stop another process from doing the same at once.
-Tensor-parallel ranks starting together would race there: one could load the other's
-half-written library.
-
-So the runner builds, before its first forward, every kernel variant its compiled
-wrappers (rmsnorm.py, rope.py) and mlx-lm's own compiled ``swiglu`` use, one process at
-a time under :func:`kernel_lock`. A variant is fixed by dtype, constants and the layout
-left after MLX merges contiguous dimensions; the inputs below have the layouts of a
-model's real calls (tested: decode and prefill steps of llama and qwen3 build nothing
-new after :func:`prebuild`). Those calls have no collectives, so holding the lock cannot
-stall a rank that waits in an all-reduce. Other compiled activations some mlx-lm
-families use (e.g. ``nn.gelu_approx``) are still built on first use; a rope whose head
-layout cannot be read is not compiled.
+A kernel variant is fixed by dtype, constants and the layout left after MLX merges
+contiguous dimensions; the inputs below have the layouts of a model's real calls (tested:
+decode and prefill steps of llama and qwen3 build nothing new afterwards). The calls have
+no collectives, so holding :func:`jit.kernel_lock` cannot stall a rank that waits in an
+all-reduce. Other compiled activations some mlx-lm families use (e.g.
+``nn.gelu_approx``) are still built on first use; a rope whose head layout cannot be read
+is not compiled.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import logging
-import os
-import tempfile
-from collections.abc import Iterator
-
 import mlx.core as mx
 import mlx.nn as nn
 
-logger = logging.getLogger(f"vllm.{__name__}")
+from vllm_ray_metal.compat import mlx as compat_mlx
+from vllm_ray_metal.cpu.jit import kernel_lock
+from vllm_ray_metal.cpu.rmsnorm import CompiledRMSNorm
+from vllm_ray_metal.cpu.rope import TableRoPE
 
 NORM_SHAPES = ((1, 1), (2, 1), (1, 1, 2), (2, 1, 2), (1, 3, 2), (2, 3, 2))  # before the width
-
-
-@contextlib.contextmanager
-def kernel_lock() -> Iterator[None]:
-    """Hold an exclusive lock next to MLX's kernel cache (released if the holder dies).
-
-    Not re-entrant: a process that takes it twice waits on itself.
-    """
-    # MLX uses std::filesystem::temp_directory_path(); both read TMPDIR first (they differ
-    # only in how they order TMP and TEMP when TMPDIR is unset)
-    root = os.path.join(tempfile.gettempdir(), "mlx")
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".vllm-ray-metal-build.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@functools.cache  # rope.install and rmsnorm.install both ask; once a process is enough
-def compiler_works() -> bool:
-    """Whether a compiled function runs here.
-
-    Without ``g++`` on the PATH MLX runs compiled functions unfused (still correct); this
-    catches a compiler that is there but fails, so the wrappers are not installed then.
-    """
-    probe = mx.compile(lambda x: mx.sqrt(x * x + 1.0))
-    try:
-        with kernel_lock():
-            mx.eval(probe(mx.ones((8,))))
-        return True
-    except Exception as exc:  # MLX raises RuntimeError when the build fails
-        logger.warning("MLX cannot build fused CPU kernels (%s); RMSNorm and rope keep "
-                       "their unfused ops", exc)
-        return False
 
 
 def prebuild(model: nn.Module, dtype: mx.Dtype) -> int:
@@ -81,11 +30,7 @@ def prebuild(model: nn.Module, dtype: mx.Dtype) -> int:
     """
     if mx.default_device() != mx.cpu:
         return 0
-    from mlx_lm.models.activations import swiglu
-
-    from vllm_ray_metal.rmsnorm import CompiledRMSNorm
-    from vllm_ray_metal.rope import TableRoPE
-
+    swiglu = compat_mlx.compiled_swiglu()
     calls = []
     seen: set[object] = set()  # identical calls build nothing new
     for _, module in model.named_modules():

@@ -19,9 +19,10 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import (compat, fused, jit, model_loader, pipeline, rmsnorm, rope, sampler,
-                            swiglu)
-from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal import cpu
+from vllm_ray_metal.compat import vllm as compat_vllm
+from vllm_ray_metal.engine import model_loader, pipeline, sampler
+from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -61,10 +62,10 @@ class _Row:
 
 
 MAX_PREFILL_PADDING = 8
-# Prompt chunks whose lengths differ by at most this many tokens share one forward. A
-# forward reads every weight once (~40 ms for SmolLM2 on 2 cores here) and each token adds
-# ~3 ms, so sixteen 10-token chunks (a prefix-cache hit's remainder) cost ~1.1 s one by
-# one; a few tokens of padding per row cost less than another pass over the weights.
+# Prompt chunks whose lengths differ by at most this many tokens share one forward: a
+# forward reads every weight once, and a few tokens of padding per row cost less than
+# another pass over the weights (e.g. sixteen 10-token chunks, a prefix-cache hit's
+# remainder, in one forward instead of sixteen).
 
 
 def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
@@ -110,17 +111,11 @@ class MLXModelRunner:
                                              self.stage)
         else:
             self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
-        rope.install(self.model)  # CPU only: one rope table per step instead of per layer
-        with jit.kernel_lock():  # its probe runs mlx-lm's compiled swiglu (no collectives)
-            numpy_mlps = swiglu.install(self.model)  # CPU, float32: SwiGLU's exp via numpy
-        rmsnorm.install(self.model)  # CPU: each RMSNorm one compiled call, not 13 primitives
-        fused.install(self.model)  # CPU: q/k/v and gate/up as one product each
-        jit.prebuild(self.model, self.dtype)  # build those kernels now, one process at a time
+        tuned = cpu.install(self.model, self.dtype)  # Linux CPU backend only; {} on Metal
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
-        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights; %d SwiGLU layer(s) take "
-                    "numpy's activation)", self.model_config.model, self.weight_bytes / 2**20,
-                    numpy_mlps)
+        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights; CPU wrappers: %s)",
+                    self.model_config.model, self.weight_bytes / 2**20, tuned or "none")
 
     def stage_layers(self) -> tuple[int, int]:
         """[start, end) of the decoder layers this rank runs."""
@@ -137,7 +132,7 @@ class MLXModelRunner:
 
     def get_kv_cache_spec(self) -> dict:
         layers, kv_heads, head_size = self.kv_layout()
-        spec = compat.full_attention_spec(self.block_size, kv_heads, head_size,
+        spec = compat_vllm.full_attention_spec(self.block_size, kv_heads, head_size,
                                           self.model_config.dtype)
         first = self.stage.start if self.stage is not None else 0  # global layer numbers
         return {f"model.layers.{first + i}.self_attn": spec for i in range(layers)}
@@ -269,7 +264,7 @@ class MLXModelRunner:
             state.prompt_logprobs[2][chunk] = ranks
         if row.count > remaining:  # this chunk finishes the prompt
             ids, vals, ranks = state.prompt_logprobs
-            out[state.req_id] = compat.logprobs_tensors(
+            out[state.req_id] = compat_vllm.logprobs_tensors(
                 torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks))
             state.prompt_logprobs = None
             state.num_prompt_logprobs = None
@@ -278,7 +273,7 @@ class MLXModelRunner:
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            return compat.empty_model_runner_output()
+            return compat_vllm.empty_model_runner_output()
         if so.scheduled_spec_decode_tokens:
             raise NotImplementedError("speculative decoding is not supported by vllm-ray-metal")
         rows = []
@@ -313,7 +308,7 @@ class MLXModelRunner:
                 sampled[r.index] = [tok]
             if lp is not None:
                 logprobs = self._scatter_logprobs(lp, [r.index for r in to_sample], len(rows))
-        return compat.model_runner_output(req_ids, sampled, logprobs, prompt_logprobs)
+        return compat_vllm.model_runner_output(req_ids, sampled, logprobs, prompt_logprobs)
 
     @staticmethod
     def _scatter_logprobs(lp, indices: list[int], num_rows: int):
@@ -322,4 +317,4 @@ class MLXModelRunner:
         full_vals = np.zeros((num_rows, ids.shape[1]), np.float32)
         full_ranks = np.zeros(num_rows, np.int32)
         full_ids[indices], full_vals[indices], full_ranks[indices] = ids, vals, ranks
-        return compat.logprobs_lists(full_ids, full_vals, full_ranks)
+        return compat_vllm.logprobs_lists(full_ids, full_vals, full_ranks)

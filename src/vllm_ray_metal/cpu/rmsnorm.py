@@ -1,11 +1,10 @@
 """RMSNorm as one compiled MLX function, for MLX's CPU backend.
 
 On the CPU, ``mx.fast.rms_norm`` has no fused kernel: it expands into 13 primitives
-(square, sum, broadcasts, multiplies, rsqrt). A single-sequence decode step is ~3,300 MLX
-primitives, each costing a few microseconds of dispatch whatever its size, and SmolLM2's
-61 norms are ~800 of them. ``mx.compile`` fuses the element-wise chain into generated
-C++ kernels (built once per machine by the system compiler and cached in MLX's temporary
-directory; see jit.py), leaving 4 primitives a norm. The result is bitwise the same (tested).
+(square, sum, broadcasts, multiplies, rsqrt), each costing a few microseconds of dispatch
+whatever its size. ``mx.compile`` fuses the element-wise chain into generated C++ kernels
+(built once per machine by the system compiler and cached in MLX's temporary directory;
+see jit.py), leaving 4 primitives a norm. The result is bitwise the same (tested).
 
 The model code stays mlx-lm's: :func:`install` replaces each plain ``nn.RMSNorm`` child
 (exact type only; Gemma-style ``1 + weight`` norms keep their own code) with
@@ -20,7 +19,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from vllm_ray_metal import jit
+from vllm_ray_metal.cpu import jit
 
 _COMPILED: dict[float, Callable[[mx.array, mx.array], mx.array]] = {}
 # eps -> compiled norm; shapeless: one trace per eps, ndim and dtype, any sizes

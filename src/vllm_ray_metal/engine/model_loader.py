@@ -2,35 +2,22 @@
 
 Model code stays in mlx-lm: we only resolve which mlx-lm module would serve a
 ``model_type`` (to fail at configuration time, before any process is spawned) and call
-``mlx_lm.utils.load_model``. The runner needs the decoder stack (``model.model``) and the
+mlx-lm's loader (through ``compat.mlx``). The runner needs the decoder stack (``model.model``) and the
 output projection separately so it can compute logits only for the positions it samples.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import pkgutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from vllm_ray_metal.compat import mlx as compat_mlx
+
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def mlx_module_name(model_type: str) -> str:
-    from mlx_lm.utils import MODEL_REMAPPING  # public constant of mlx-lm's loader
-
-    return MODEL_REMAPPING.get(model_type, model_type)
-
-
-def supported_model_types() -> list[str]:
-    import mlx_lm.models
-
-    return sorted(m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)
-                  if not m.name.startswith("_") and m.name not in {"base", "cache", "rope_utils"})
 
 
 def check_model_dir(model: str) -> dict[str, Any]:
@@ -51,16 +38,15 @@ def check_model_dir(model: str) -> dict[str, Any]:
                          "only; convert .bin/.gguf weights first).")
     config = json.loads(cfg_file.read_text())
     model_type = config.get("model_type")
-    name = mlx_module_name(model_type or "")
     try:
-        module = importlib.import_module(f"mlx_lm.models.{name}")
+        module = compat_mlx.family_module(model_type or "")
     except ImportError:
         raise ValueError(
             f"Architecture {config.get('architectures')} (model_type={model_type!r}) is not "
             f"supported by the installed mlx-lm. Supported model types: "
-            f"{', '.join(supported_model_types())}.") from None
+            f"{', '.join(compat_mlx.supported_model_types())}.") from None
     if not hasattr(module, "Model"):
-        raise ValueError(f"mlx_lm.models.{name} defines no Model class")
+        raise ValueError(f"{module.__name__} defines no Model class")
     if config.get("sliding_window") and config.get("use_sliding_window", True) and \
             any(t == "sliding_attention" for t in config.get("layer_types") or []):
         raise ValueError(f"{model!r} uses sliding-window attention, which vllm-ray-metal does "
@@ -71,7 +57,7 @@ def check_model_dir(model: str) -> dict[str, Any]:
 def model_module(model: str):
     """The mlx-lm module that defines this checkpoint's Model class."""
     config = check_model_dir(model)
-    return importlib.import_module(f"mlx_lm.models.{mlx_module_name(config['model_type'])}")
+    return compat_mlx.family_module(config["model_type"])
 
 
 def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
@@ -80,10 +66,8 @@ def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
     With a group the checkpoint is opened lazily and sharded before anything is read, so
     each rank materialises only its own slice of the weights.
     """
-    from mlx_lm.utils import load_model
-
     check_model_dir(model)
-    mlx_model, _ = load_model(Path(model), lazy=group is not None)
+    mlx_model = compat_mlx.load_model(model, lazy=group is not None)
     if group is not None:
         mlx_model.shard(group)
     if dtype is not None:
@@ -100,9 +84,8 @@ def compute_logits(model: nn.Module, hidden: mx.array, group=None) -> mx.array:
 
     With a tensor-parallel ``group``, each rank projects onto its slice of the vocabulary
     and the slices are all-gathered: mlx-lm's ``shard`` leaves the output projection
-    whole on every rank, and in decode it is one of the largest reads of a step (403 MB
-    per rank for a 1.1B llama with a 49152-token vocabulary; SmolLM2: a fifth of the
-    weights).
+    whole on every rank, and in decode it is one of the largest reads of a step (for
+    SmolLM2, a fifth of the weights).
     """
     weight = _vocab_split_weight(model, group) if hidden.ndim == 2 else None
     if weight is not None:

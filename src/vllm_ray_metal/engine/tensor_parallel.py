@@ -6,25 +6,24 @@ attention heads and MLP columns across ranks and all-reduces the row-parallel ou
 so every rank ends with identical logits and samples identical tokens.
 
 The group is MLX's ``ring`` backend (TCP: Ethernet, Thunderbolt bridge, loopback) over
-peers the executor derives from the Ray nodes the workers run on. ``jaccl`` (RDMA over
+peers the executor derives from the Ray nodes the workers run on (the worker spec). ``jaccl`` (RDMA over
 Thunderbolt 5, macOS only) can be chosen with ``VLLM_RAY_METAL_MLX_BACKEND=jaccl``; it is
 not testable on Linux and is passed through to MLX unchanged.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 
-HOSTS_ENV = "VLLM_RAY_METAL_MLX_HOSTS"  # JSON list: "ip:port" of each rank, in rank order
+from vllm_ray_metal import envs
+from vllm_ray_metal.compat import mlx as compat_mlx
+
 BACKEND_ENV = "VLLM_RAY_METAL_MLX_BACKEND"
 BACKENDS = ("ring", "jaccl")
 
 
 def mlx_backend() -> str:
-    backend = os.environ.get(BACKEND_ENV, "ring").strip() or "ring"
+    backend = envs.VLLM_RAY_METAL_MLX_BACKEND
     if backend not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "jaccl" and sys.platform != "darwin":
@@ -52,22 +51,14 @@ def check_tensor_parallel(hf_config, tp: int, model_module) -> None:
             "with tensor_parallel_size > 1; use tensor_parallel_size=1.")
 
 
-def init_group(rank: int, world_size: int):
-    """Join the MLX group described by ``VLLM_RAY_METAL_MLX_HOSTS`` (None for one rank)."""
+def init_group(rank: int, world_size: int, hosts: list[str]):
+    """Join the MLX group over ``hosts`` ("ip:port" per rank; None for one rank)."""
     if world_size == 1:
         return None
-    import mlx.core as mx
-
-    hosts = json.loads(os.environ[HOSTS_ENV])
     if len(hosts) != world_size:
-        raise RuntimeError(f"{HOSTS_ENV} lists {len(hosts)} peers for {world_size} ranks")
-    fd, path = tempfile.mkstemp(prefix=f"mlx-hosts-{rank}-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump([[h] for h in hosts], f)
-    os.environ["MLX_HOSTFILE"] = path
-    os.environ["MLX_RANK"] = str(rank)
-    group = mx.distributed.init(backend=mlx_backend(), strict=True)
-    os.unlink(path)
+        raise RuntimeError(f"the worker spec lists {len(hosts)} MLX peers for {world_size} "
+                           "ranks")
+    group = compat_mlx.init_ring_group(hosts, rank, mlx_backend())
     if group.size() != world_size or group.rank() != rank:
         raise RuntimeError(f"MLX group is rank {group.rank()} of {group.size()}, expected "
                            f"{rank} of {world_size}")

@@ -1,39 +1,32 @@
 """Give MLX's Linux CPU backend a real BLAS, with an explicit thread count.
 
-The Linux ``mlx[cpu]`` wheel resolves ``cblas_sgemm`` dynamically and ships a reference
-BLAS (~3.6 GFLOP/s for a 1024² fp32 matmul here). Loading an optimised library into the
-global symbol scope *before* ``mlx.core`` is imported makes MLX bind to it instead. In
-order of preference:
+The Linux ``mlx[cpu]`` wheel resolves ``cblas_sgemm`` dynamically and ships a slow
+reference BLAS. Loading an optimised library into the global symbol scope *before*
+``mlx.core`` is imported makes MLX bind to it instead. In order of preference:
 
 * OpenBLAS from the ``scipy-openblas32`` wheel behind a small ``cblas_sgemm`` shim
-  (``sgemm_shim.c``, built once with the system C compiler into the user cache): the
-  wheel only exports ``scipy_``-prefixed names, and the shim runs products of a few rows
-  (decode steps) in its own kernel, which streams the weights once instead of packing
-  them. Raw SmolLM2 fp32 decode step, median: MKL 63.7 ms at 1 row and 114 at 16;
-  OpenBLAS (one-row products as sgemv) 41.6 and 98; see ``sgemm_shim.c`` and
-  ``benchmarks/bench_blas.py`` for the kernel's own figures;
+  (``sgemm_shim.c``): the wheel only exports ``scipy_``-prefixed names, and the shim runs
+  products of a few rows (decode steps) in its own kernel, which streams the weights once
+  instead of packing them. The shim is compiled once per machine into the user cache, by
+  ``vllm-ray-metal build-blas`` or by the first worker that needs it (under a file lock);
 * Intel MKL from this Python environment (the ``mkl`` wheel), when no compiler is found;
 * Debian's / Fedora's pthreads OpenBLAS (``apt-get install libopenblas0-pthread``).
 
-``VLLM_RAY_METAL_BLAS=none`` keeps MLX's own, ``mkl`` skips the shim, a path chooses a
-library; ``VLLM_RAY_METAL_BLAS_KERNEL=none|avx2|avx512`` caps the shim's own kernel
-(``none``: OpenBLAS does every product). Nothing is loaded when the platform is switched
-off (``VLLM_RAY_METAL_DISABLE``), so a stock vLLM process keeps its own libraries. macOS
-uses Accelerate through MLX's own build: nothing to do.
-
-Threads: Ray starts actors with ``OMP_NUM_THREADS=1``, which these libraries obey, so a
-worker would run its matrix products on one core. :func:`set_threads` sets the count
-explicitly (the worker gives each of its node's ranks an equal share of the cores; the
-shim's kernel uses as many as OpenBLAS is set to), and :func:`set_spin` decides whether
-MKL's threads spin between products. OpenBLAS's idle threads are told to sleep at once
-(``OPENBLAS_THREAD_TIMEOUT``): spinning, they held a core the kernel's threads needed.
+Threads: Ray starts actors with ``OMP_NUM_THREADS=1``, which these libraries obey, so
+:func:`configure` sets the count explicitly (each rank on a node gets an equal share of
+its cores) and decides whether MKL's threads spin between products. OpenBLAS's idle
+threads are told to sleep at once (``OPENBLAS_THREAD_TIMEOUT``): spinning, they held a
+core the kernel's threads needed. macOS uses Accelerate through MLX's own build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import glob
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -41,11 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-BLAS_ENV = "VLLM_RAY_METAL_BLAS"
-THREADS_ENV = "VLLM_RAY_METAL_BLAS_THREADS"
-KERNEL_ENV = "VLLM_RAY_METAL_BLAS_KERNEL"
-NODE_RANKS_ENV = "VLLM_RAY_METAL_NODE_RANKS"  # set by the executor: its ranks on this node
-HOST_RANKS_ENV = "VLLM_RAY_METAL_HOST_RANKS"  # set by the executor: MLX ranks on this machine
+from vllm_ray_metal import envs
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+
 THREAD_TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"  # log2 of the cycles its idle threads spin
 BLOCKTIME_ENV = "KMP_BLOCKTIME"  # Intel OpenMP (MKL's threads): ms to spin after a product
 OPENBLAS = (
@@ -79,13 +71,15 @@ def _open(path: str) -> ctypes.CDLL:
 
 
 def preload() -> str | None:
-    """Load the preferred BLAS with RTLD_GLOBAL; return its path (or None)."""
+    """Load the preferred BLAS with RTLD_GLOBAL; return its path (or None).
+
+    Must run before this process imports ``mlx.core``; afterwards it loads nothing.
+    Builds the shim first if this machine has a compiler and no build of it yet.
+    """
     global loaded, _lib
     if loaded or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return loaded
-    if os.environ.get("VLLM_RAY_METAL_DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return None
-    choice = os.environ.get(BLAS_ENV, "").strip()
+    choice = envs.VLLM_RAY_METAL_BLAS
     if choice.lower() == "none":
         return None
     if not choice and _load_openblas_shim():
@@ -113,36 +107,65 @@ def _openblas32() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def build_shim(cache: Path | None = None) -> Path | None:
-    """Compile ``sgemm_shim.c`` once into the user cache; None without a C compiler."""
-    from vllm_ray_metal.default_model import cache_root  # stdlib-only module, no MLX
+def shim_target(cache: Path | None = None) -> Path:
+    """Where this source's build of the shim lives (named by the source's hash)."""
+    digest = hashlib.sha1(SHIM_SOURCE.read_bytes()).hexdigest()[:12]
+    return (cache or envs.cache_root()) / "blas" / f"libvrm_sgemm-{digest}.so"
 
-    source = SHIM_SOURCE.read_bytes()
-    out_dir = (cache or cache_root()) / "blas"
-    target = out_dir / f"libvrm_sgemm-{hashlib.sha1(source).hexdigest()[:12]}.so"
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_shim(cache: Path | None = None) -> Path | None:
+    """Compile ``sgemm_shim.c`` once into the user cache; None without a C compiler.
+
+    Processes that race here take turns on a file lock; the first builds, the others
+    find its result.
+    """
+    target = shim_target(cache)
     if target.exists():
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None
+    out_dir = target.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # processes may race: build
-    os.close(fd)                                           # apart, rename atomically
-    try:
-        done = subprocess.run([compiler, "-O3", "-pthread", "-shared", "-fPIC", "-o", tmp,
-                               str(SHIM_SOURCE)], capture_output=True, timeout=120)
-        if done.returncode != 0:
+    with _locked(out_dir / ".build.lock"):
+        if target.exists():
+            return target
+        logger.info("Building the BLAS shim for MLX's CPU backend (%s, once per machine; "
+                    "`vllm-ray-metal build-blas` does it ahead of time)", target)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, "-O3", "-pthread", "-shared", "-fPIC", "-o", tmp,
+                                   str(SHIM_SOURCE)], capture_output=True, timeout=120)
+            if done.returncode != 0:
+                logger.warning("Could not build the BLAS shim with %s: %s", cc,
+                               done.stderr.decode(errors="replace")[-500:])
+                return None
+            os.replace(tmp, target)
+            for old in out_dir.glob("libvrm_sgemm-*.so"):  # builds of earlier sources
+                if old != target:
+                    old.unlink(missing_ok=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("Could not build the BLAS shim with %s: %s", cc, exc)
             return None
-        os.replace(tmp, target)
-        for old in out_dir.glob("libvrm_sgemm-*.so"):  # builds of earlier sources
-            if old != target:
-                old.unlink(missing_ok=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released if the holder dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load_openblas_shim() -> bool:
@@ -166,8 +189,8 @@ def _load_openblas_shim() -> bool:
                   ctypes.cast(openblas.scipy_openblas_get_num_threads, addr))
     shim.vrm_kernel_products.restype = ctypes.c_long
     _lib, _shim, loaded = openblas, shim, library
-    if os.environ.get(KERNEL_ENV, "").strip():
-        use_kernel(os.environ[KERNEL_ENV].strip().lower())
+    if envs.VLLM_RAY_METAL_BLAS_KERNEL:
+        use_kernel(envs.VLLM_RAY_METAL_BLAS_KERNEL)
     return True
 
 
@@ -180,7 +203,7 @@ def use_kernel(limit: str = "avx512") -> str | None:
     """Cap the shim's kernel (``none``, ``avx2``, ``avx512``); the one now in use, or None
     without the shim. The best one the CPU runs is chosen at load; tests pick each."""
     if limit not in KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={limit!r}: use one of {', '.join(KERNELS)}")
+        raise ValueError(f"VLLM_RAY_METAL_BLAS_KERNEL={limit!r}: use one of {', '.join(KERNELS)}")
     if _shim is None:
         return None
     _shim.vrm_use_kernel(ctypes.c_int(KERNELS[limit]))
@@ -212,11 +235,9 @@ def set_spin(enabled: bool) -> None:
     """Let MKL's OpenMP threads spin between products (its default) or sleep at once.
 
     Spinning (Intel OpenMP's default 200 ms) keeps the threads hot across the hundreds of
-    small products of a decode step: measured here with SmolLM2, one sequence went from
-    15.9 to 22.2 tok/s end to end, and MLX's CPU attention no longer slows ~6x from 128
-    keys on (each of its small products otherwise woke a sleeping thread). But a spinning
-    thread holds its core, so when several MLX ranks share one machine's cores it stalls
-    the others; then the threads sleep at once (``KMP_BLOCKTIME=0``). Intel OpenMP reads
+    small products of a decode step (each product otherwise wakes a sleeping thread). But
+    a spinning thread holds its core, so when several MLX ranks share one machine's cores
+    it stalls the others; then the threads sleep at once (``KMP_BLOCKTIME=0``). Intel OpenMP reads
     the variable when its first parallel region starts, so this must run before the
     process's first matrix product; a value the user set is kept.
     """
@@ -224,19 +245,18 @@ def set_spin(enabled: bool) -> None:
         os.environ[BLOCKTIME_ENV] = "200" if enabled else "0"
 
 
-def spin_fits(threads: int) -> bool:
+def spin_fits(threads: int, ranks_on_host: int) -> bool:
     """True if every MLX rank on this machine can keep ``threads`` cores busy at once."""
-    host_ranks = int(os.environ.get(HOST_RANKS_ENV, "1") or 1)
-    return host_ranks * threads <= _cores()
+    return ranks_on_host * threads <= _cores()
 
 
-def configure() -> int:
+def configure(ranks_on_node: int = 1, ranks_on_host: int = 1) -> int:
     """Spinning and thread count for this process's MLX products; the threads set (0: none).
 
     Call before the process's first matrix product (see :func:`set_spin`).
     """
-    threads = default_threads()
-    set_spin(spin_fits(threads))
+    threads = default_threads(ranks_on_node)
+    set_spin(spin_fits(threads, ranks_on_host))
     return threads if set_threads(threads) else 0
 
 
@@ -245,10 +265,9 @@ def _cores() -> int:
     return cores or 1
 
 
-def default_threads() -> int:
+def default_threads(ranks_on_node: int = 1) -> int:
     """``VLLM_RAY_METAL_BLAS_THREADS``, else this process's cores split among the node's ranks."""
-    ranks_on_node = int(os.environ.get(NODE_RANKS_ENV, "1") or 1)
-    explicit = os.environ.get(THREADS_ENV, "").strip()
+    explicit = envs.VLLM_RAY_METAL_BLAS_THREADS
     if explicit:
-        return max(1, int(explicit))
+        return explicit
     return max(1, _cores() // max(1, ranks_on_node))

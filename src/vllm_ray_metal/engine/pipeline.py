@@ -1,7 +1,7 @@
 """Pipeline parallelism: each stage holds a contiguous slice of the decoder layers.
 
 The layout is vLLM's: ``rank = pp_rank * tp + tp_rank``; a stage's layers come from
-vLLM's own split (``compat.pp_layer_range``), so KV-cache layer names and per-rank layer
+vLLM's own split (``compat.vllm.pp_layer_range``), so KV-cache layer names and per-rank layer
 counts are what vLLM's KV-cache manager merges; the executor returns the output of the
 first TP rank of the last stage (vLLM's ``_get_output_rank``). The first stage keeps the
 embedding, the last the final norm and the output projection; other weights are never
@@ -26,13 +26,13 @@ scheduler sends whenever PP > 1 runs without async scheduling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from vllm_ray_metal import compat
-from vllm_ray_metal.model_loader import DTYPES
+from vllm_ray_metal.compat import mlx as compat_mlx
+from vllm_ray_metal.compat import vllm as compat_vllm
+from vllm_ray_metal.engine.model_loader import DTYPES
 
 # mlx-lm families whose decoder is exactly embed_tokens -> layers(h, mask, cache) -> norm,
 # which StageDecoder re-runs stage by stage (e.g. gemma also scales the embedding, so it
@@ -87,7 +87,7 @@ class Stage:
 
 def layer_ranges(num_layers: int, pp: int) -> tuple[tuple[int, int], ...]:
     """Every stage's layer range, as vLLM splits them; each stage needs at least one."""
-    ranges = tuple(compat.pp_layer_range(num_layers, r, pp) for r in range(pp))
+    ranges = tuple(compat_vllm.pp_layer_range(num_layers, r, pp) for r in range(pp))
     if any(end <= start for start, end in ranges):
         raise ValueError(
             f"pipeline_parallel_size={pp} leaves a stage without layers ({list(ranges)} of "
@@ -124,7 +124,7 @@ class _ShardShape:
         return self._size
 
 
-_ROW_PARALLEL = (nn.ShardedToAllLinear, nn.QuantizedShardedToAllLinear)
+_ROW_PARALLEL = compat_mlx.row_sharded_linears()
 
 
 class StageDecoder(nn.Module):
@@ -157,10 +157,8 @@ class StageDecoder(nn.Module):
             self.collectives_per_layer = len(dims)
 
     def _run_layers(self, h: mx.array, cache) -> mx.array:
-        from mlx_lm.models.base import create_attention_mask
-
         cache = cache or [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
+        mask = compat_mlx.create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
         return h
@@ -210,9 +208,7 @@ class StageDecoder(nn.Module):
 
 def load_stage(model: str, dtype: str | None, group, stage: Stage) -> nn.Module:
     """Load only this stage's weights with mlx-lm; shard them over the stage's TP ranks."""
-    from mlx_lm.utils import load_model
-
-    mlx_model, _ = load_model(Path(model), lazy=True)
+    mlx_model = compat_mlx.load_model(model, lazy=True)
     inner = getattr(mlx_model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
         raise ValueError(f"mlx-lm's {type(mlx_model).__module__}.Model has no "

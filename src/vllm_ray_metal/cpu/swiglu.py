@@ -1,16 +1,10 @@
 """SwiGLU's element-wise part through numpy, for MLX's CPU backend.
 
-MLX's Linux wheel runs its element-wise ``exp`` as scalar code (~30 ns an element), so
-``silu(gate) * up`` cost SmolLM2 ~1 ms a layer at 16 rows: ~30 ms of a ~150 ms step.
-numpy's float32 ``exp`` is vectorised; the same products take ~70 us a layer there,
-including the hand-over (MLX arrays expose their buffer to numpy without a copy; the
-result is copied back, 96 KiB at 16 rows).
-
+MLX's Linux wheel runs its element-wise ``exp`` as scalar code, while numpy's float32
+``exp`` is vectorised, and MLX arrays expose their buffer to numpy without a copy.
 Handing over costs a sync per layer (MLX can no longer build the next ops while it
-computes), so small activations keep MLX's own path. In an interleaved A/B of SmolLM2's
-decode step (raw forward, median of 30), numpy's path was 8% slower at 1 row (59 -> 64
-ms), even at 4, and faster by 8% at 8, 18% at 16 and 22% at 32 rows (163 -> 134 ms at
-16); :data:`MIN_ELEMENTS` is the cut.
+computes), so small activations keep MLX's own path; :data:`MIN_ELEMENTS` is the cut
+measured by an A/B of the decode step (BENCHMARKS.md).
 
 The model code stays mlx-lm's: :func:`install` wraps each decoder layer's ``mlp`` when it
 has ``gate_proj``/``up_proj``/``down_proj`` and a probe shows that its activation is

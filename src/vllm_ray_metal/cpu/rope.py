@@ -1,9 +1,8 @@
 """Rotary embeddings as one table per step, for MLX's CPU backend.
 
 On the CPU, ``mx.fast.rope`` has no fused kernel: each call recomputes the angles and
-their sines and cosines, ~150 us whatever the input size. A decoder calls it twice per
-layer (queries and keys), so SmolLM2 spent ~9 ms of a ~50 ms single-sequence step in it.
-Every layer rotates the same positions with the same frequencies, so the runner asks
+their sines and cosines, a fixed cost whatever the input size, twice per layer (queries
+and keys). Every layer rotates the same positions with the same frequencies, so the runner asks
 the model's own rope module once per step for its per-position 2x2 maps (by rotating
 two probe vectors) and applies them in each layer with three element-wise products.
 Outputs are bitwise the same: ``x1*cos + x2*(-sin)`` rounds like ``x1*cos - x2*sin``.
@@ -28,15 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vllm_ray_metal.jit import compiler_works
-
-
-def _table_ropes() -> tuple[type, ...]:
-    """Rope classes whose call is exactly ``mx.fast.rope(x, self.dims, ...)``."""
-    from mlx_lm.models import rope_utils
-
-    names = ("Llama3RoPE", "ProportionalRoPE")
-    return (nn.RoPE, *(getattr(rope_utils, n) for n in names if hasattr(rope_utils, n)))
+from vllm_ray_metal.compat import mlx as compat_mlx
+from vllm_ray_metal.cpu.jit import compiler_works
 
 
 def signature(rope: nn.Module) -> str:
@@ -154,7 +146,7 @@ def install(model: nn.Module) -> int:
     if mx.default_device() != mx.cpu:
         return 0
     tables = StepTables()
-    kinds = _table_ropes()
+    kinds = compat_mlx.single_call_rope_classes()
     targets = [m for _, m in model.named_modules() if type(getattr(m, "rope", None)) in kinds]
     compiled = bool(targets) and compiler_works()
     for module in targets:
