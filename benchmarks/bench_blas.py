@@ -21,9 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from vllm_ray_metal import blas  # noqa: E402
+from vllm_ray_metal import cpu  # noqa: E402
+from vllm_ray_metal.cpu import blas  # noqa: E402
 
-blas.preload()
+cpu.preload()  # before MLX, as the worker does
 import mlx.core as mx  # noqa: E402
 
 # (out, in) of one SmolLM2 layer's products after fused.py, and the output matrix

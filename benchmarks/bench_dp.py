@@ -15,19 +15,17 @@ leaves cores idle; on several Macs each replica has its own.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from conftest import chat_token_ids  # noqa: E402
-from ray_cluster import LocalRayCluster  # noqa: E402
+
+from vllm_ray_metal.testing import scenarios  # noqa: E402
+from vllm_ray_metal.testing.cluster import LocalRayCluster  # noqa: E402
+from vllm_ray_metal.testing.models import chat_token_ids  # noqa: E402
 
 NOTE = ("DP: the raylets of bench_dp.py share one machine's cores, so replicas compete for "
         "them; the ratio says DP works without overhead, not what several Macs give.")
@@ -37,14 +35,7 @@ TOPICS = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "win
 
 def run(cluster: LocalRayCluster, prompts: list[list[int]], tokens: int, dp: int) -> dict:
     opts = {"prompts": prompts, "max_tokens": tokens, "engine": {"data_parallel_size": dp}}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "dp_scenario.py"),
-                          cluster.address, cluster.head_ip, json.dumps(opts)],
-                         capture_output=True, text=True, timeout=1200, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(out.stderr[-3000:])
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = scenarios.run("dp", cluster, opts=opts, timeout=1200).result
     if "error" in res:
         raise RuntimeError(res.get("traceback", res["error"]))
     return res

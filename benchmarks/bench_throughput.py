@@ -112,12 +112,11 @@ def child_vllm(system: str, levels: list[int], new_tokens: int, repeats: int) ->
 
 
 def child_mlx(levels: list[int], new_tokens: int, repeats: int) -> dict:
-    import vllm_ray_metal  # noqa: F401  (same BLAS as ours: loads MKL before MLX)
+    from vllm_ray_metal import cpu, default_model
+
+    cpu.preload()  # the same BLAS as our worker, loaded before MLX as it does
+    cpu.setup_process()  # and the same threads, spinning and heap as our one worker
     from mlx_lm import batch_generate, load, stream_generate
-
-    from vllm_ray_metal import blas, default_model
-
-    blas.configure()  # the same threads and spinning as our one worker
 
     model, tok = load(default_model())
     curve = {}

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402
 
 # ~1.1B parameters (TinyLlama-like shape, SmolLM2's 49152-token vocabulary and tokenizer)
@@ -213,7 +212,7 @@ def child(tp: int, address: str, model: str, sizes: list[int], new_tokens: int,
 
 
 def run(tp: int, model: str, args) -> dict:
-    from ray_cluster import LocalRayCluster
+    from vllm_ray_metal.testing.cluster import LocalRayCluster
 
     # a private loopback cluster: no token auth (Ray 2.60 turns it on for a head node
     # once ~/.ray/auth_token exists), for the raylets and the driver alike

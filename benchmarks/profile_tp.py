@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_tp  # noqa: E402  (puts tests/ on the path too)
+import bench_tp  # noqa: E402
 import common  # noqa: E402
-from ray_cluster import free_port  # noqa: E402
+
+from vllm_ray_metal.testing.cluster import free_port  # noqa: E402
 
 MODES = ("tp1", "tp2-alone", "tp2-shared", "tp2", "tp2-timed")
 NOTE = ("P3 why (profile_tp.py, two runs on 2026-11-30, bench_tp's ~1.1B llama, 4 rows, "
@@ -71,10 +72,10 @@ NOTE = ("P3 why (profile_tp.py, two runs on 2026-11-30, bench_tp's ~1.1B llama, 
 
 def rank_process(rank: int, world: int, model: str, rows: int, steps: int) -> None:
     """Child: load (and shard) the model, then run the modes named on stdin."""
-    from vllm_ray_metal import blas
+    from vllm_ray_metal import cpu
 
-    blas.preload()
-    blas.set_threads(1)
+    cpu.preload()  # as the worker does: before MLX
+    cpu.setup_process(ranks_on_node=os.cpu_count() or 1)  # one BLAS thread a process
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
@@ -84,13 +85,8 @@ def rank_process(rank: int, world: int, model: str, rows: int, steps: int) -> No
     if group is not None:
         net.shard(group)
     mx.eval(net.parameters())
-    from vllm_ray_metal import fused, jit, rmsnorm, swiglu
-
-    with jit.kernel_lock():  # the runner's CPU wrappers, as it installs them (but rope's
-        swiglu.install(net)  # per-step tables, which need the runner's positions)
-    rmsnorm.install(net)
-    fused.install(net)
-    jit.prebuild(net, mx.float32)
+    cpu.install(net, mx.float32)  # the runner's CPU wrappers (rope's per-step tables
+    # need the runner's per-row positions; with mlx-lm's own cache they pass through)
 
     real_all_sum, calls, how = mx.distributed.all_sum, [], {"reduce": "real"}
 

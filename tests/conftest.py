@@ -1,11 +1,16 @@
-"""Shared fixtures. vLLM start-up is the slow part, so LLMs are shared per module."""
+"""Shared fixtures, and the rule that every test says what it needs (a marker).
+
+vLLM start-up is the slow part, so engines and clusters are shared per module. Helpers
+live in ``vllm_ray_metal.testing`` (also used by the benchmarks), not in test files.
+"""
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
+
+from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test clusters live on loopback addresses only. Ray 2.60 turns on token auth for a head
@@ -13,12 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nodes default to off; pin one mode for every raylet and driver the tests start.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "Explain in one sentence what a CPU does.",
-]
+KINDS = ("unit", "ray", "serve", "bench")  # what a test starts; exactly one each
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    unmarked = [item.nodeid for item in items
+                if sum(item.get_closest_marker(k) is not None for k in KINDS) != 1]
+    if unmarked:
+        raise pytest.UsageError(f"each test needs exactly one of the markers {KINDS}: "
+                                + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -36,73 +44,19 @@ def prompts(model_dir) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def tiny(model_dir, tmp_path_factory) -> str:
-    """A random llama with 8 heads / 4 KV heads (TP 2 and 4 divide it)."""
+    """A random llama in HF format with 8 heads / 4 KV heads (TP 2 and 4 divide it)."""
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-8h-4kv", model_dir)
 
 
-def config_error(model: str, **kw) -> str:
-    """The message vLLM's config build (with our platform hook) raises; it must come in < 10 s."""
-    import time
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    start = time.perf_counter()
-    with pytest.raises(Exception) as info:
-        EngineArgs(model=model, **kw).create_engine_config()
-    assert time.perf_counter() - start < 10
-    return str(info.value)
+@pytest.fixture(scope="session")
+def tiny_5_layers(model_dir, tmp_path_factory) -> str:
+    """The same llama with 5 layers: vLLM splits them unevenly ([3, 2] over two stages)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-5l", model_dir, layers=5)
 
 
-def make_llm(model: str, **kwargs):
-    """An LLM on the default model with test-sized memory (KV budget in MiB)."""
-    from vllm import LLM
+@pytest.fixture(scope="session")
+def hf_reference(model_dir):
+    """transformers on the default model's weights: the independent reference."""
+    from vllm_ray_metal.testing.models import hf_model
 
-    kwargs.setdefault("max_model_len", 1024)
-    kwargs.setdefault("kv_cache_memory_bytes", 128 << 20)
-    return LLM(model=model, **kwargs)
-
-
-def shutdown_llm(llm) -> None:
-    """Stop the engine core (and its workers) now, not at interpreter exit."""
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def chat_token_ids(model: str, prompts: list[str]) -> list[list[int]]:
-    """Chat-templated prompt token ids, computed with transformers' tokenizer."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    out = []
-    for p in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": p}],
-                                       add_generation_prompt=True, tokenize=False)
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
-def tiny_llama(path, model_dir: str, heads: int = 8, kv_heads: int = 4, layers: int = 4,
-               hidden: int = 256, seed: int = 0) -> str:
-    """A random-weight llama in HF format (tokenizer borrowed from the default model)."""
-    import shutil
-    from pathlib import Path
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return str(path)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, max_position_embeddings=2048,
-                      tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    model.save_pretrained(str(path), safe_serialization=True)
-    for f in Path(model_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja",):
-            shutil.copy(f, path / f.name)
-    return str(path)
+    return hf_model(model_dir)

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vllm_ray_metal import default_model
+
+pytestmark = pytest.mark.unit
 
 
 def test_default_model_is_a_fp32_hf_directory(model_dir):

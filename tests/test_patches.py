@@ -3,21 +3,18 @@ stock vLLM's "ray" backend serves the METAL key (no RayMetalExecutor involved)."
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import vllm
 
-from ray_cluster import LocalRayCluster
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
 
 PATCHES = sorted((Path(__file__).parents[1] / "patches").glob("*.patch"))
 SITE = Path(vllm.__file__).parents[1]
-SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
 
 
 def touched_files(patch: Path) -> list[str]:
@@ -25,6 +22,7 @@ def touched_files(patch: Path) -> list[str]:
             if line.startswith("+++ ")]
 
 
+@pytest.mark.unit
 def test_patches_exist_and_apply_cleanly_to_installed_vllm():
     assert len(PATCHES) >= 2
     for patch in PATCHES:
@@ -47,18 +45,13 @@ def patched_vllm(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.ray
 def test_stock_ray_backend_works_with_metal_key_once_patched(patched_vllm):
     env = {"PYTHONPATH": str(patched_vllm)}
     with LocalRayCluster([("127.0.0.32", {}), ("127.0.0.33", {"METAL": 1})], env=env) as c:
-        run_env = {**os.environ, **env, "VLLM_RAY_METAL_AUTO_RAY": "0",
-                   "VLLM_HOST_IP": "127.0.0.1"}
-        run_env.pop("RAY_ADDRESS", None)
-        out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, "ray"],
-                             capture_output=True, text=True, timeout=420, env=run_env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    assert "error" not in res, res.get("traceback", out.stderr[-3000:])
-    assert "RayMetalExecutor:" not in out.stdout + out.stderr  # vLLM's own executor worked
+        out = scenarios.run("gen", c, "ray", env={**env, "VLLM_RAY_METAL_AUTO_RAY": "0",
+                                                  "VLLM_HOST_IP": "127.0.0.1"}, timeout=420)
+    res = out.ok()
+    assert "RayMetalExecutor:" not in out.output  # vLLM's own executor worked
     assert "Paris" in res["text"]
     assert res["workers"][0]["host_ip"] == "127.0.0.33"

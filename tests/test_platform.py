@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import config_error
+from vllm_ray_metal.testing.llm import config_error
+
+pytestmark = pytest.mark.unit
 
 PROBE = "from vllm.platforms import current_platform as p; print(type(p).__module__, type(p).__name__)"
 
@@ -39,7 +41,7 @@ def test_platform_declares_ray_key_and_worker(model_dir):
 
     assert current_platform.ray_device_key == "METAL"
     cfg = EngineArgs(model=model_dir, max_model_len=512).create_engine_config()
-    assert cfg.parallel_config.worker_cls == "vllm_ray_metal.worker.MLXWorker"
+    assert cfg.parallel_config.worker_cls == "vllm_ray_metal.engine.worker.MLXWorker"
     assert cfg.scheduler_config.async_scheduling is False
     assert cfg.cache_config.block_size == 16
 
@@ -82,3 +84,18 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
 def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
     msg = config_error(model_dir, max_model_len=512, **kw)
     assert needle in msg
+
+
+def test_our_variables_are_known_to_vllms_environment_check(monkeypatch):
+    """The platform registers envs.py's variables, so vLLM's strict check accepts them
+    (and still rejects a misspelt one)."""
+    from vllm.platforms import current_platform
+
+    from vllm_ray_metal import envs
+
+    for name in envs.BY_NAME:
+        monkeypatch.setenv(name, "")
+    current_platform.validate_environ(hard_fail=True)
+    monkeypatch.setenv("VLLM_RAY_METAL_RAY_KYE", "x")
+    with pytest.raises(ValueError, match="VLLM_RAY_METAL_RAY_KYE"):
+        current_platform.validate_environ(hard_fail=True)

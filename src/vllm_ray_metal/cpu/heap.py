@@ -5,8 +5,8 @@ array dies. glibc serves blocks from 128 KiB up (its threshold moves, up to 32 M
 a fresh ``mmap``, and trims freed memory at the heap's top, so the next step's arrays of
 the same sizes fault their pages in again (the kernel zeroes every 4 KiB page). A decode
 step of several sequences makes hundreds of such arrays (the gathered keys and values
-among them). The memory stays with the process as free heap for the next step; arrays above 32 MiB
-(weights, KV pools) still get their own mappings.
+among them). The memory stays with the process as free heap for the next step; arrays
+above 32 MiB (weights, KV pools) still get their own mappings.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
  * kernel.
  *
  * MLX's Linux wheel resolves cblas_sgemm (its only float32 BLAS call) from the global
- * symbol scope; blas.py loads this library there before mlx.core. OpenBLAS (the
+ * symbol scope; cpu/blas.py loads this library there before mlx.core. OpenBLAS (the
  * scipy-openblas32 wheel) exports its functions only under a "scipy_" prefix, so this
  * file gives them the plain name MLX looks for.
  *
@@ -13,10 +13,8 @@
  * core's bandwidth. Here each output element is a dot product of two contiguous rows, so
  * the weights stream through once, untouched: a block of 4 weight rows stays in L1 while
  * every row of A passes over it, the next block is prefetched meanwhile, and the threads
- * split the weight rows. One decode step's products on SmolLM2's shapes through MLX,
- * OpenBLAS -> this kernel (benchmarks/bench_blas.py, 2 threads, Zen 4, median ms): 1 row
- * 23.4 -> 21.7 (vs OpenBLAS's sgemv), 4 rows 39.6 -> 22.8, 16 rows 54.3 -> 36.0, 32 rows
- * 73.7 -> 60.2; at 64 rows OpenBLAS's packing pays off and it does the product.
+ * split the weight rows. From 64 rows on, OpenBLAS's packing pays off and it does the
+ * product (benchmarks/bench_blas.py measures both; BENCHMARKS.md row B1).
  *
  * Two builds of the block kernel, chosen once by CPU: AVX-512VL (32 vector registers:
  * 4 x 4 accumulators) and AVX2+FMA (16 registers: 2 x 4). Every other product goes to
@@ -24,7 +22,7 @@
  * CPU without AVX2; one-row ones among them to its sgemv, which (unlike its sgemm) splits
  * them over its threads.
  *
- * blas.py binds the OpenBLAS entry points with vrm_bind().
+ * cpu/blas.py binds the OpenBLAS entry points with vrm_bind().
  */
 #include <pthread.h>
 #include <sched.h>

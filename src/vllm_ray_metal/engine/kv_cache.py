@@ -7,8 +7,8 @@ keys and one for values, stored flat as ``[kv_heads * num_slots, head_dim]``. Wr
 scatters (in place: the old array is donated). Reads gather each sequence's context with
 one flat index per (row, head, position), so the result is already the contiguous
 ``[B, kv_heads, C, head_dim]`` that MLX's fused attention wants: gathering
-``[B, C, heads, dim]`` and transposing instead made attention ~3x slower on CPU
-(a strided copy inside ``scaled_dot_product_attention``).
+``[B, C, heads, dim]`` and transposing instead makes attention pay for a strided copy
+inside ``scaled_dot_product_attention``.
 
 Block 0 is vLLM's null block, never handed to a request: padding tokens write there and
 padding positions read from there, so no other request's data can leak in.

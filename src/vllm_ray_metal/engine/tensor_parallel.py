@@ -6,9 +6,10 @@ attention heads and MLP columns across ranks and all-reduces the row-parallel ou
 so every rank ends with identical logits and samples identical tokens.
 
 The group is MLX's ``ring`` backend (TCP: Ethernet, Thunderbolt bridge, loopback) over
-peers the executor derives from the Ray nodes the workers run on (the worker spec). ``jaccl`` (RDMA over
-Thunderbolt 5, macOS only) can be chosen with ``VLLM_RAY_METAL_MLX_BACKEND=jaccl``; it is
-not testable on Linux and is passed through to MLX unchanged.
+peers the executor derives from the Ray nodes the workers run on (the worker spec).
+``jaccl`` (RDMA over Thunderbolt 5, macOS only) can be chosen with
+``VLLM_RAY_METAL_MLX_BACKEND=jaccl``; it is not testable on Linux and is passed through to
+MLX unchanged.
 """
 
 from __future__ import annotations

@@ -148,9 +148,9 @@ class LocalRayCluster:
             stop_process(node.proc, sig)
         deadline = time.time() + 15
         for pid in node.pids:
-            while time.time() < deadline and _running(pid):
+            while time.time() < deadline and running(pid):
                 time.sleep(0.2)
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
         self._kill_group(node)  # anything else still in the node's own process group
 
@@ -176,7 +176,8 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
             proc.wait(timeout=10)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

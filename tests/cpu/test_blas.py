@@ -7,15 +7,20 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from vllm_ray_metal import blas
+from vllm_ray_metal.cpu import blas
+
+pytestmark = pytest.mark.unit
 
 PROBE = """
 import json, os
 import numpy as np
-from vllm_ray_metal import blas
+from vllm_ray_metal import cpu
+cpu.preload()  # as the worker module does, before MLX
+from vllm_ray_metal.cpu import blas
 import mlx.core as mx
 rng = np.random.default_rng(0)
 if "KERNEL" in os.environ:
@@ -89,7 +94,8 @@ def test_kernel_env_switches_the_kernel_off():
 FORK = """
 import ctypes, os
 import numpy as np
-from vllm_ray_metal import blas
+from vllm_ray_metal.cpu import blas
+blas.preload()
 import mlx.core as mx
 blas.set_threads(2)
 rng = np.random.default_rng(0)
@@ -142,27 +148,52 @@ def test_opt_outs_load_nothing():
     # a stock vLLM process (our platform off) keeps its own libraries
     res = probe(VLLM_RAY_METAL_DISABLE="1")
     assert res["loaded"] is None and res["threads_set"] is False
+    # the CPU-tuning switch: MLX keeps its bundled BLAS (what runs where no tuning applies)
+    res = probe(VLLM_RAY_METAL_CPU_TUNING="0")
+    assert res["loaded"] is None and res["threads_set"] is False
+    assert "scipy_openblas" in probe(VLLM_RAY_METAL_CPU_TUNING="blas")["loaded"]
 
 
 def test_thread_share(monkeypatch):
-    monkeypatch.delenv(blas.THREADS_ENV, raising=False)
+    monkeypatch.delenv("VLLM_RAY_METAL_BLAS_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setenv(blas.NODE_RANKS_ENV, "1")
-    assert blas.default_threads() == cores
-    monkeypatch.setenv(blas.NODE_RANKS_ENV, str(cores * 4))
-    assert blas.default_threads() == 1  # never zero
-    monkeypatch.setenv(blas.THREADS_ENV, "3")
-    assert blas.default_threads() == 3
+    assert blas.default_threads(ranks_on_node=1) == cores
+    assert blas.default_threads(ranks_on_node=cores * 4) == 1  # never zero
+    monkeypatch.setenv("VLLM_RAY_METAL_BLAS_THREADS", "3")
+    assert blas.default_threads(ranks_on_node=cores * 4) == 3
 
 
-def test_spin_only_when_the_machine_has_a_core_per_thread(monkeypatch):
+def test_spin_only_when_the_machine_has_a_core_per_thread():
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setenv(blas.HOST_RANKS_ENV, "1")
-    assert blas.spin_fits(cores)
-    assert not blas.spin_fits(cores + 1)
-    monkeypatch.setenv(blas.HOST_RANKS_ENV, "2")  # two loopback raylets of one machine
-    assert not blas.spin_fits(cores)
-    assert blas.spin_fits(max(1, cores // 2))
+    assert blas.spin_fits(cores, ranks_on_host=1)
+    assert not blas.spin_fits(cores + 1, ranks_on_host=1)
+    assert not blas.spin_fits(cores, ranks_on_host=2)  # two loopback raylets of one machine
+    assert blas.spin_fits(max(1, cores // 2), ranks_on_host=2)
+
+
+BUILD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from vllm_ray_metal.cpu import blas
+print("BUILT", blas.build_shim(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim is Linux-only")
+def test_racing_builders_make_one_library_and_one_says_so(tmp_path):
+    """Workers starting together on a fresh machine: one compiles (and logs it), the other
+    waits on the lock and loads the same file."""
+    if blas.compiler() is None:
+        pytest.skip("no C compiler here: the shim cannot be built (MKL is used)")
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    built = {line.split()[1] for out, _ in outs for line in out.splitlines()
+             if line.startswith("BUILT")}
+    assert len(built) == 1 and built != {"None"}, outs
+    assert sum("Building the BLAS shim" in err for _, err in outs) == 1, outs
+    assert [p.name for p in (tmp_path / "blas").glob("*.so")] == [Path(built.pop()).name]
 
 
 def test_set_spin_writes_kmp_blocktime_unless_the_user_did(monkeypatch):

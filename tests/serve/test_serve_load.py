@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serve_helpers import metric, post, served, stream
+from vllm_ray_metal.testing.serve import metric, post, served, stream
+
+pytestmark = pytest.mark.serve
 
 N_REQUESTS = 200
 SENTENCES = [

@@ -2,44 +2,36 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import mlx.core as mx
 import pytest
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
-                                reason="fused CPU kernels are built on the CPU only")
+from vllm_ray_metal.testing import scenarios
+
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                 reason="fused CPU kernels are built on the CPU only")]
 
 SCRIPT = r"""
 import glob, json, os
 import mlx.core as mx
 import sys
-from mlx_lm.models import llama, qwen3
-from vllm_ray_metal import jit, rmsnorm, rope
-from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.compat import mlx as compat_mlx
+from vllm_ray_metal.cpu import prebuild, rmsnorm, rope
+from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.testing.models import mlx_llama
+from vllm_ray_metal.testing.scenarios import report
 
 family, kv_heads = sys.argv[1], int(sys.argv[2])
-common = dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-              num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-              vocab_size=97, tie_word_embeddings=False)
-if family == "qwen3":  # keeps head_dim as a local only; q_norm/k_norm on heads
-    model = qwen3.Model(qwen3.ModelArgs(**common, max_position_embeddings=512, head_dim=16,
-                                             rope_theta=10000.0))
-else:
-    model = llama.Model(llama.ModelArgs(**common))
-mx.eval(model.parameters())
+model = mlx_llama(family, num_key_value_heads=kv_heads)
 result = {"ropes": rope.install(model), "norms": rmsnorm.install(model),
           "compiled_ropes": sum(l.self_attn.rope.compiled for l in model.layers)}
 
-def libraries():
-    pattern = os.path.join(os.environ["TMPDIR"], "mlx", "*", "cpu", "*.so")
-    return sorted(os.path.basename(p) for p in glob.glob(pattern))
+def libraries():  # MLX's kernel cache, where compat.mlx says it is (TMPDIR is ours)
+    root = compat_mlx.kernel_cache_dir()
+    assert str(root).startswith(os.environ["TMPDIR"])
+    return sorted(os.path.basename(p) for p in glob.glob(str(root / "*" / "cpu" / "*.so")))
 
 result["before"] = libraries()  # the compiler probe's
-result["calls"] = jit.prebuild(model, mx.float32)
+result["calls"] = prebuild.prebuild(model, mx.float32)
 result["prebuilt"] = libraries()
 pool = PagedKVPool(2, 16, 4, kv_heads, 16, mx.float32)
 steps = [([0], [5], [[1, 2]]), ([0, 0], [3, 2], [[3], [4]]),  # prefill chunks
@@ -50,20 +42,16 @@ for starts, lengths, tables in steps:
     tokens = mx.zeros((len(starts), max(lengths)), dtype=mx.int32)
     mx.eval(model.model(tokens, cache=pool.layer_caches(layout)))
 result["after_steps"] = libraries()
-print("RESULT", json.dumps(result))
+report(result)
 """
 
 
 def run(tmp_path, family: str = "llama", kv_heads: int = 2,
         path: str | None = None) -> dict:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a kernel cache of its own
+    env = {"TMPDIR": str(tmp_path)}  # a kernel cache of its own
     if path is not None:
         env["PATH"] = path
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, family, str(kv_heads)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line.removeprefix("RESULT "))
+    return scenarios.run_python(["-c", SCRIPT, family, str(kv_heads)], env, timeout=300).result
 
 
 @pytest.mark.parametrize("family, kv_heads, norms", [

@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 from mlx_lm.models import llama, qwen2
 
-from vllm_ray_metal import fused, model_loader
+from vllm_ray_metal.cpu import fused
+from vllm_ray_metal.engine import model_loader
+from vllm_ray_metal.testing.models import mlx_llama
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
-                                reason="fused projections are installed on the CPU only")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                 reason="fused projections are installed on the CPU only")]
 
 
 def tiny(module, **extra) -> nn.Module:
-    args = module.ModelArgs(model_type=module.__name__.rsplit(".", 1)[-1], hidden_size=64,
-                            num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                            num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97, **extra)
-    model = module.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return mlx_llama(module.__name__.rsplit(".", 1)[-1], **extra)
 
 
 @pytest.mark.parametrize("module, extra", [(llama, {"tie_word_embeddings": False}),

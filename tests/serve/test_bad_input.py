@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from serve_helpers import health, post, post_error, served, stream
+from vllm_ray_metal.testing.serve import health, post, post_error, served, stream
 
 GOOD = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 64,
         "temperature": 0, "ignore_eos": True}
@@ -58,6 +58,7 @@ def _streamed_text(base: str, out: dict, started: threading.Event) -> None:
     out["text"] = "".join(parts)
 
 
+@pytest.mark.serve
 def test_bad_requests_rejected_fast_while_a_good_one_completes(server):
     base = server.base
     reference = post(base + "/v1/completions", GOOD)["choices"][0]["text"]
@@ -81,6 +82,7 @@ def test_bad_requests_rejected_fast_while_a_good_one_completes(server):
     assert health(base) == 200
 
 
+@pytest.mark.unit
 def test_serve_unknown_model_path_names_the_fix(tmp_path):
     missing = str(tmp_path / "no-such-model")
     t0 = time.perf_counter()
@@ -111,6 +113,7 @@ RAY_MISSING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.unit
 def test_ray_not_installed_names_the_fix(model_dir):
     res = subprocess.run([sys.executable, "-c", RAY_MISSING_SCRIPT, model_dir],
                          capture_output=True, text=True, timeout=180)

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import config_error, tiny_llama
-from ray_cluster import LocalRayCluster
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
+from vllm_ray_metal.testing.llm import config_error
 
-SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
 NEW_TOKENS = 32
 # Small steps: prompts are split into chunks that are in flight in different batches of
 # vLLM's PP batch queue at the same time (the scheduling PP must survive).
@@ -29,22 +25,15 @@ def four_units():
 
 
 @pytest.fixture(scope="module")
-def tiny(model_dir, tmp_path_factory):
-    # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama-5l", model_dir, layers=5)
+def tiny(tiny_5_layers):
+    return tiny_5_layers  # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
 
 
 def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) -> dict:
     llm.setdefault("max_num_batched_tokens", STEP_TOKENS)
     opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "llm": llm}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, "class",
-                          json.dumps(opts)], capture_output=True, text=True, timeout=600, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    assert "error" not in res, res.get("traceback", "") + out.stderr[-3000:]
+    res = scenarios.run("gen", c, "class", opts).ok()
     assert all(len(o) == NEW_TOKENS for o in res["outputs"])
     print(f"{Path(model).name} {llm}: ready {res['ready_s']:.1f} s, whole driver "
           f"{time.perf_counter() - started:.1f} s")
@@ -56,6 +45,7 @@ def tiny_pp1(four_units, tiny, prompts):
     return generate(four_units, tiny, prompts)
 
 
+@pytest.mark.ray
 def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
     res = generate(four_units, tiny, prompts, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
@@ -75,6 +65,7 @@ def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
         full["weight_bytes"] + embed, rel=1e-3)
 
 
+@pytest.mark.ray
 def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
     res = generate(four_units, tiny, prompts, tensor_parallel_size=2, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
@@ -87,16 +78,18 @@ def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
         [1.5 * per_layer] * 2 + [1.0 * per_layer] * 2, rel=0.02)  # 3 and 2 layers, halved
 
 
+@pytest.mark.unit
 def test_more_stages_than_layers_is_rejected(tiny):
     msg = config_error(tiny, max_model_len=256, pipeline_parallel_size=6,
                        distributed_executor_backend="ray")
     assert "pipeline_parallel_size <= 5" in msg
 
 
+@pytest.mark.unit
 def test_stage_layer_ranges_are_vllms():
     from vllm.distributed.utils import get_pp_indices
 
-    from vllm_ray_metal import pipeline
+    from vllm_ray_metal.engine import pipeline
 
     for layers, pp in [(5, 2), (30, 4), (7, 3), (4, 4)]:
         assert pipeline.layer_ranges(layers, pp) == tuple(

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 from mlx_lm.models import llama
 
-from vllm_ray_metal import swiglu
+from vllm_ray_metal.cpu import swiglu
+from vllm_ray_metal.testing.models import mlx_llama
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
-                                reason="the numpy activation is installed on the CPU only")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                 reason="the numpy activation is installed on the CPU only")]
 
 
 def tiny_llama(**overrides) -> nn.Module:
-    args = dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
-                intermediate_size=4096, num_attention_heads=4, num_key_value_heads=2,
-                rms_norm_eps=1e-5, vocab_size=97, tie_word_embeddings=False)
-    model = llama.Model(llama.ModelArgs(**{**args, **overrides}))
-    mx.eval(model.parameters())
-    return model
+    return mlx_llama(**{"intermediate_size": 4096, **overrides})  # above MIN_ELEMENTS at 3 rows
 
 
 def test_silu_mul_matches_mlx_including_extremes():

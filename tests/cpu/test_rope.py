@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from mlx_lm.models.rope_utils import initialize_rope
 
-from vllm_ray_metal import model_loader, rope
-from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.cpu import rope
+from vllm_ray_metal.engine import model_loader
+from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
-                                reason="the tables replace mx.fast.rope on the CPU only")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                 reason="the tables replace mx.fast.rope on the CPU only")]
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

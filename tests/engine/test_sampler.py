@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from vllm import SamplingParams
 
-from vllm_ray_metal import sampler
+from vllm_ray_metal.engine import sampler
+
+pytestmark = pytest.mark.unit
 
 
 @dataclass

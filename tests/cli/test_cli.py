@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -13,9 +12,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from ray_cluster import free_port
-from vllm_ray_metal import cluster
+from vllm_ray_metal.compat import ray as compat_ray
+from vllm_ray_metal.testing.cluster import free_port
 
 CLI = [sys.executable, "-m", "vllm_ray_metal.cli"]
 
@@ -23,7 +23,7 @@ CLI = [sys.executable, "-m", "vllm_ray_metal.cli"]
 PRELOAD_PROBE = """
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
-f = ray.remote(num_cpus=0)(lambda: "vllm_ray_metal.worker" in sys.modules)
+f = ray.remote(num_cpus=0)(lambda: "vllm_ray_metal.engine.worker" in sys.modules)
 print(ray.get(f.remote()))
 """
 
@@ -36,7 +36,7 @@ ray.init(address=sys.argv[1], logging_level="ERROR")
 llm = LLM(model=default_model(), max_model_len=128, kv_cache_memory_bytes=1 << 26,
           distributed_executor_backend=RayMetalExecutor)
 executor = llm.llm_engine.engine_core.engine_core.model_executor
-print("WARM", sum(executor._preload_used.values()), executor.worker_pids[0])
+print("WARM", sum(executor.preload_used.values()), executor.worker_pids[0])
 llm.llm_engine.engine_core.shutdown()
 """
 
@@ -67,6 +67,7 @@ def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complete
     return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.ray
 def test_start_status_stop_roundtrip(tmp_path):
     env = {**os.environ, "VLLM_RAY_METAL_CACHE": str(tmp_path / "cache"),
            "VLLM_HOST_IP": "10.9.9.9"}
@@ -102,7 +103,7 @@ def test_start_status_stop_roundtrip(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             new = [pid for pid, environ in ray_workers(ray_start).items()
-                   if pid not in before | {first} and cluster.PRELOAD_ENV in environ]
+                   if pid not in before | {first} and compat_ray.PRELOAD_ENV in environ]
             if new:
                 break
             time.sleep(0.5)
@@ -114,8 +115,7 @@ def test_start_status_stop_roundtrip(tmp_path):
         stop = run(["stop"], env)
     assert "Stopped Ray node 127.0.0.5" in stop.stdout
     # a later plain ray.init() must not try to join the stopped head
-    from vllm_ray_metal.node import RAY_ADDRESS_FILE as recorded
-
+    recorded = compat_ray.RAY_ADDRESS_FILE
     assert not recorded.exists() or recorded.read_text().strip() != f"127.0.0.5:{port}"
     assert not ray_start.is_running() or ray_start.status() == psutil.STATUS_ZOMBIE
     gone, alive = psutil.wait_procs(daemons, timeout=20)
@@ -124,28 +124,8 @@ def test_start_status_stop_roundtrip(tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.unit
 def test_start_requires_head_or_address(tmp_path):
     env = {**os.environ, "VLLM_RAY_METAL_CACHE": str(tmp_path)}
     out = run(["start"], env)
     assert out.returncode == 2 and "--head" in out.stderr
-
-
-def test_ray_address_file_is_the_one_ray_writes():
-    """node.stop_nodes forgets our head's address in the file Ray's own code uses."""
-    from ray._common.utils import get_ray_address_file
-
-    from vllm_ray_metal import node
-
-    assert Path(get_ray_address_file(None)) == node.RAY_ADDRESS_FILE
-
-
-def test_prestart_workers_rpc_is_rays():
-    """cluster.prestart_workers' Ray touch-points: the raylet RPC, its fields, the channel."""
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
-
-    assert list(inspect.signature(init_grpc_channel).parameters)[0] == "address"
-    assert common_pb2.Language.PYTHON == 0
-    assert hasattr(node_manager_pb2_grpc.NodeManagerServiceServicer, "PrestartWorkers")
-    fields = node_manager_pb2.PrestartWorkersRequest.DESCRIPTOR.fields_by_name
-    assert {"language", "num_workers"} <= set(fields)

@@ -7,17 +7,12 @@ replica's workers run comes from ``node_info`` on every replica).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from ray_cluster import LocalRayCluster
-
-SCENARIO = Path(__file__).with_name("dp_scenario.py")
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
 NEW_TOKENS = 12
 
 
@@ -29,13 +24,7 @@ def four_units():
 
 def run(c: LocalRayCluster, model: str, prompts: list[list[int]], **engine) -> dict:
     opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "engine": engine}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, str(SCENARIO), c.address, c.head_ip,
-                          json.dumps(opts)], capture_output=True, text=True, timeout=600,
-                         env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return scenarios.run("dp", c, opts=opts).result
 
 
 def ok(res: dict) -> dict:
@@ -57,6 +46,7 @@ def assert_both_replicas_served(res: dict, n_prompts: int) -> None:
     assert all(v > 0 for v in res["tokens_by_engine"].values())
 
 
+@pytest.mark.ray
 def test_dp2_equals_dp1_and_both_replicas_serve(four_units, tiny, prompts, dp1):
     res = ok(run(four_units, tiny, prompts, data_parallel_size=2))
     assert res["outputs"] == dp1["outputs"]
@@ -70,6 +60,7 @@ def test_dp2_equals_dp1_and_both_replicas_serve(four_units, tiny, prompts, dp1):
     assert replicas[0][0]["host_ip"] == four_units.head_ip  # replica 0 on the DP master
 
 
+@pytest.mark.ray
 def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
     res = ok(run(four_units, tiny, prompts, data_parallel_size=2, tensor_parallel_size=2))
     assert res["outputs"] == dp1["outputs"]
@@ -83,6 +74,7 @@ def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
                for r in replicas for w in r)
 
 
+@pytest.mark.serve
 def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_path):
     """`vllm serve --data-parallel-size 2 --data-parallel-backend ray`: DP=1's tokens over
     HTTP; vLLM's per-engine Prometheus counters show both replicas finished requests."""
@@ -90,7 +82,7 @@ def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_pat
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve_helpers import ServeProcess, post
+    from vllm_ray_metal.testing.serve import ServeProcess, post
 
     log = tmp_path / "serve.log"
     with ServeProcess(four_units, tiny, log, "--max-model-len", "512",
@@ -119,6 +111,7 @@ def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_pat
     assert "RayMetalExecutor: 1 MLX worker(s) on" in text
 
 
+@pytest.mark.ray
 def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     res = run(four_units, tiny, prompts[:1], data_parallel_size=3, tensor_parallel_size=2)
     assert res["error"].startswith("PlacementError") and res["error_s"] < 20
@@ -126,6 +119,7 @@ def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     assert "127.0.0.75" in res["error"]  # the node table
 
 
+@pytest.mark.ray
 def test_mp_backend_dp2_equals_dp1(four_units, tiny, prompts, dp1):
     """``--data-parallel-backend mp``: engine cores are local processes; each replica's
     executor places its own workers on the cluster."""
@@ -140,7 +134,7 @@ def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | Non
     """(strategy, replicas on the master) chosen for nodes with these METAL units."""
     from types import SimpleNamespace
 
-    from vllm_ray_metal import cluster, data_parallel
+    from vllm_ray_metal.distributed import cluster, data_parallel
 
     if not keep_env:  # (setenv first, so that teardown also removes what the code sets)
         for name in (data_parallel.PACK_ENV, data_parallel._OURS):
@@ -155,8 +149,9 @@ def packing(units: list[int], dp: int, world: int, monkeypatch, local: int | Non
     return os.environ.get(data_parallel.PACK_ENV), parallel.data_parallel_size_local
 
 
+@pytest.mark.unit
 def test_packing_follows_the_nodes_units(monkeypatch):
-    from vllm_ray_metal.cluster import PlacementError
+    from vllm_ray_metal.distributed.cluster import PlacementError
 
     assert packing([1, 1], 2, 1, monkeypatch) == ("fill", 1)  # one replica per Mac
     assert packing([2], 2, 1, monkeypatch) == ("fill", 2)  # both on one Mac

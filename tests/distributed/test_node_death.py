@@ -16,8 +16,8 @@ import urllib.error
 import psutil
 import pytest
 
-from ray_cluster import LocalRayCluster, _running
-from serve_helpers import ServeProcess, health, post, post_error, stream
+from vllm_ray_metal.testing.cluster import LocalRayCluster, running
+from vllm_ray_metal.testing.serve import ServeProcess, health, post, post_error, stream
 
 BOUND_S = 90  # Ray drains a SIGTERMed node for up to 30 s; the rest is ours
 
@@ -60,6 +60,7 @@ def _worker_actor_pids(node) -> list[int]:
     return out
 
 
+@pytest.mark.serve
 @pytest.mark.parametrize("mode", ["drain", "crash"])
 def test_worker_node_death_errors_requests_reports_health(mode, model_dir, tmp_path):
     """drain: SIGTERM to the node's `ray start --block` (Ray drains up to 30 s, then stops
@@ -147,7 +148,7 @@ def test_worker_node_death_errors_requests_reports_health(mode, model_dir, tmp_p
 
 
 def _alive(pids: set[int]) -> list[int]:
-    return [p for p in pids if _running(p)]
+    return [p for p in pids if running(p)]
 
 
 def _cmdline(pid: int) -> str:

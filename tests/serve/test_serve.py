@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from serve_helpers import post, served
+from vllm_ray_metal.testing.serve import post, served
+
+pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")

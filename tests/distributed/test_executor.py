@@ -6,18 +6,11 @@ worker that runs at all runs on the remote node. Each scenario is a fresh driver
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from ray_cluster import LocalRayCluster
-from vllm_ray_metal import cluster
-
-SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
+from vllm_ray_metal.distributed import cluster
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +21,8 @@ def two_nodes():
 
 def run_scenario(c: LocalRayCluster, backend: str, env: dict | None = None,
                  timeout: float = 420) -> tuple[dict, str]:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, str(SCENARIOS), "gen", c.address, c.head_ip, backend],
-                         capture_output=True, text=True, timeout=timeout, env=full_env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, f"scenario printed no result:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):]), out.stdout + out.stderr  # vLLM logs to stdout
+    out = scenarios.run("gen", c, backend, env=env, timeout=timeout)
+    return out.result, out.output
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +34,7 @@ def reference_tokens(two_nodes):
     return res["token_ids"]
 
 
+@pytest.mark.ray
 def test_stock_ray_executor_raises_keyerror_on_custom_key(two_nodes):
     """Documents the upstream bug this library exists for."""
     res, err = run_scenario(two_nodes, "stock")
@@ -53,6 +42,7 @@ def test_stock_ray_executor_raises_keyerror_on_custom_key(two_nodes):
     assert "KeyError: 'METAL'" in err and "get_node_and_physical_gpu_ids" in err
 
 
+@pytest.mark.ray
 def test_class_places_worker_on_remote_node_despite_host_ip_mismatch(two_nodes,
                                                                      reference_tokens):
     res, err = run_scenario(two_nodes, "class", {"VLLM_HOST_IP": "127.0.0.1"})
@@ -64,6 +54,7 @@ def test_class_places_worker_on_remote_node_despite_host_ip_mismatch(two_nodes,
     assert "differs from this process's Ray node address" in err
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("backend", ["vllm_ray_metal.RayMetalExecutor", "ray", "auto"])
 def test_qualname_ray_and_auto_selection(two_nodes, reference_tokens, backend):
     res, err = run_scenario(two_nodes, backend)
@@ -73,6 +64,7 @@ def test_qualname_ray_and_auto_selection(two_nodes, reference_tokens, backend):
     assert res["engine_core"] == "InprocClient"  # config.py: no engine process to spawn
 
 
+@pytest.mark.ray
 def test_missing_key_fails_fast_with_node_table_and_fix():
     with LocalRayCluster([("127.0.0.4", {})]) as c:
         res, err = run_scenario(c, "class", timeout=120)
@@ -82,6 +74,7 @@ def test_missing_key_fails_fast_with_node_table_and_fix():
     assert "'METAL'" in res["error"]
 
 
+@pytest.mark.unit
 def test_too_few_units_message_names_counts_and_command():
     nodes = [cluster.NodeInfo("a", "10.0.0.1", True, True, {"METAL": 1.0, "CPU": 8.0}),
              cluster.NodeInfo("b", "10.0.0.2", False, False, {"METAL": 1.0})]
@@ -96,11 +89,12 @@ def test_too_few_units_message_names_counts_and_command():
     assert not ray.is_initialized()  # building the message must not start a local Ray
 
 
+@pytest.mark.unit
 def test_response_reads_do_not_sleep_through_a_lost_notification():
     """vLLM's queue reader sleeps on a zmq notification from the writer, and now and then
     that notification never arrives (5-6 times in a start of LLM(...); ~0.5% of replies sent
     a millisecond apart between two processes): the read then sleeps until its poll times
-    out. The engine reads worker replies through ``_WatchedQueue``, whose short poll step
+    out. The engine reads worker replies through ``WatchedQueue``, whose short poll step
     bounds such a stall; with upstream's 1 s step those stalls were ~2 s of a ~4.5 s start.
     Here the reader's notifications are switched off (it unsubscribes from the writer's
     socket: vllm...shm_broadcast.SpinCondition.local_notify_socket), so every read
@@ -111,8 +105,8 @@ def test_response_reads_do_not_sleep_through_a_lost_notification():
     import zmq
     from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
 
-    from vllm_ray_metal import compat
-    from vllm_ray_metal.executor import _WatchedQueue
+    from vllm_ray_metal.compat import vllm as compat_vllm
+    from vllm_ray_metal.distributed.worker_actor import WatchedQueue
 
     writer = MessageQueue(n_reader=1, n_local_reader=1)
     reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
@@ -120,14 +114,14 @@ def test_response_reads_do_not_sleep_through_a_lost_notification():
     ready.start()
     reader.wait_until_ready()
     ready.join()
-    compat.set_reader_spin(reader, 0.0)  # as the executor sets it: sleep, don't spin
+    compat_vllm.set_reader_spin(reader, 0.0)  # as the executor sets it: sleep, don't spin
     reader._spin_condition.local_notify_socket.setsockopt_string(zmq.UNSUBSCRIBE, "")
 
     class Alive:  # the executor's state as the queue reads it (weakly referenced)
         is_failed = shutting_down = False
 
     alive = Alive()
-    watched = _WatchedQueue(reader, alive)
+    watched = WatchedQueue(reader, alive)
     for k in range(5):
         later = threading.Timer(0.05, writer.enqueue, args=((k, time.perf_counter() + 0.05),))
         later.start()

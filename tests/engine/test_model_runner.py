@@ -12,8 +12,10 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from conftest import CHAT_PROMPTS, chat_token_ids, make_llm, shutdown_llm
+from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
+from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, hf_greedy
 
+pytestmark = pytest.mark.unit
 NEW_TOKENS = 32
 STORY = "Mountains rise above the valley where farmers grow wheat and barley. "
 
@@ -26,25 +28,8 @@ def llm(model_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.eval()
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    """Plain argmax decoding with transformers' KV cache (no EOS handling, like ignore_eos)."""
-    out: list[int] = []
-    past, inputs = None, torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            res = hf_model(inputs, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            tok = int(res.logits[0, -1].argmax())
-            out.append(tok)
-            inputs = torch.tensor([[tok]])
-    return out
+def hf_model(hf_reference):
+    return hf_reference
 
 
 def greedy(n: int = NEW_TOKENS, **kw) -> SamplingParams:
@@ -57,6 +42,7 @@ def generate_ids(llm, prompts: list[list[int]], params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+@pytest.mark.core
 def test_greedy_matches_transformers(llm, hf_model, model_dir):
     prompts = chat_token_ids(model_dir, CHAT_PROMPTS)
     ours = generate_ids(llm, prompts, greedy())
@@ -80,6 +66,7 @@ def _mixed_prompts(model_dir) -> list[list[int]]:
     return base + longer
 
 
+@pytest.mark.core
 def test_batched_equals_alone(llm, model_dir):
     prompts = _mixed_prompts(model_dir)
     assert len(prompts) == 8 and max(map(len, prompts)) > 256  # one needs several chunks
@@ -88,6 +75,7 @@ def test_batched_equals_alone(llm, model_dir):
     assert together == alone
 
 
+@pytest.mark.core
 def test_prefix_cache_hits_and_same_output(llm, model_dir):
     text = "Here is a long document. " + " ".join(f"Fact {i}: {i} squared is {i*i}."
                                                   for i in range(40))
@@ -110,7 +98,7 @@ def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypa
     first step, and the runner's forwards can be recorded.
     """
     import vllm.envs
-    from vllm_ray_metal.model_runner import MLXModelRunner
+    from vllm_ray_metal.engine.model_runner import MLXModelRunner
 
     forwards: list[list[tuple[int, int]]] = []
     plain = MLXModelRunner._forward_groups
@@ -141,7 +129,7 @@ def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypa
 
 def test_forward_groups_write_blocks_before_reading_them():
     """Forwards run in an order where no row reads a block a later forward writes."""
-    from vllm_ray_metal.model_runner import MLXModelRunner, RequestState, _Row
+    from vllm_ray_metal.engine.model_runner import MLXModelRunner, RequestState, _Row
 
     runner = object.__new__(MLXModelRunner)
     runner.block_size = 4
@@ -216,6 +204,7 @@ def test_prompt_longer_than_max_model_len_is_rejected(llm):
     assert generate_ids(llm, [[1, 2, 3]], greedy(2))[0]
 
 
+@pytest.mark.core
 def test_preemption_keeps_outputs(model_dir):
     prompts = _mixed_prompts(model_dir)
     tight = make_llm(model_dir, max_model_len=512, kv_cache_memory_bytes=24 << 20,

@@ -9,23 +9,15 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from vllm_ray_metal import rmsnorm
+from vllm_ray_metal.cpu import rmsnorm
+from vllm_ray_metal.testing.models import mlx_llama
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu,
-                                reason="the compiled norm is installed on the CPU only")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(mx.default_device() != mx.cpu,
+                                 reason="the compiled norm is installed on the CPU only")]
 
 
 def tiny_llama() -> nn.Module:
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
-                           intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           rms_norm_eps=1e-5, vocab_size=97, tie_word_embeddings=False)
-    model = llama.Model(args)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:  # non-trivial norm weights
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight = mx.array(rng.uniform(0.5, 1.5, 64).astype(np.float32))
-    mx.eval(model.parameters())
-    return model
+    return mlx_llama(norm_weights_seed=0)  # non-trivial norm weights
 
 
 def test_install_keeps_weights_names_and_outputs_bitwise():

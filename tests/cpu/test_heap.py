@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 PATTERN = """
 import resource, sys
 import numpy as np
-from vllm_ray_metal import heap
+from vllm_ray_metal.cpu import heap
 print(heap.keep_freed_memory() if sys.argv[1] == "1" else None)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -6,9 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vllm_ray_metal import model_loader
-from vllm_ray_metal.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.engine import model_loader
+from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
+pytestmark = pytest.mark.unit
 BLOCK = 4
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 
 import psutil
+import pytest
 
 
+@pytest.mark.unit
 def test_tcpstore_listens_on_the_node_address_only(monkeypatch):
     """Upstream's TCPStore listens on '::'; the worker actor's binds its Ray node address."""
     import ray
 
-    from vllm_ray_metal.executor import MetalRayWorkerProc
+    from vllm_ray_metal.distributed.worker_actor import MetalRayWorkerProc
 
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.58")
     proc = MetalRayWorkerProc.__new__(MetalRayWorkerProc)  # only the method under test
@@ -22,8 +24,8 @@ def test_tcpstore_listens_on_the_node_address_only(monkeypatch):
     try:
         assert [a for a in _listening() - before if a[1] == port] == [("127.0.0.58", port)]
     finally:
-        proc._dist_init_sock.detach()  # the store owns the descriptor and closes it
-        del proc._dist_init_store
+        proc.dist_init_sock.detach()  # the store owns the descriptor and closes it
+        del proc.dist_init_store
 
 
 def _listening() -> set[tuple[str, int]]:
@@ -31,12 +33,14 @@ def _listening() -> set[tuple[str, int]]:
             if c.status == psutil.CONN_LISTEN}
 
 
+@pytest.mark.unit
 def test_serve_binds_loopback_unless_told(monkeypatch, model_dir):
     """Exposure: our `serve` adds --host 127.0.0.1 when neither --host nor --uds is given."""
-    from vllm_ray_metal import cli, compat
+    from vllm_ray_metal import cli
+    from vllm_ray_metal.compat import vllm as compat_vllm
 
     seen = []
-    monkeypatch.setattr(compat, "run_vllm_cli", seen.append)
+    monkeypatch.setattr(compat_vllm, "run_vllm_cli", seen.append)
     cli.main(["serve", model_dir, "--port", "8001"])
     cli.main(["serve", model_dir, "--host", "0.0.0.0"])
     cli.main(["serve", "--model", model_dir, "--uds", "/tmp/x.sock"])

@@ -1,0 +1,229 @@
+"""Each vLLM touch-point of compat/vllm.py and compat/vllm_executor.py, called on a tiny
+input against the installed vLLM. What needs a live engine or cluster (the PP batch queue,
+per-replica RPC, the placement group's bundles) is exercised by the live tests named."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import resource
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_ray_metal.compat import vllm as compat_vllm
+
+pytestmark = pytest.mark.unit
+
+
+def test_pinned_vllm_version():
+    import vllm
+
+    assert vllm.__version__.startswith(compat_vllm.VLLM_VERSION)
+
+
+def test_output_types_carry_what_we_fill():
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    out = compat_vllm.model_runner_output(["a", "b"], [[1], []], None, {})
+    assert out.req_id_to_index == {"a": 0, "b": 1} and out.sampled_token_ids == [[1], []]
+    lists = compat_vllm.logprobs_lists(np.zeros((2, 3)), np.ones((2, 3)), np.zeros(2))
+    assert lists.slice_request(1, 1).logprobs.shape == (1, 3)
+    tensors = compat_vllm.logprobs_tensors(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1))
+    assert tensors.selected_token_ranks.shape == (1,)
+    assert compat_vllm.empty_model_runner_output() is EMPTY_MODEL_RUNNER_OUTPUT
+    assert EMPTY_MODEL_RUNNER_OUTPUT.req_ids == []
+    assert compat_vllm.compilation_times(1.5).language_model == 1.5
+
+
+def test_kv_spec_pages_and_our_worker_is_complete():
+    from vllm_ray_metal.engine.worker import MLXWorker
+
+    spec = compat_vllm.full_attention_spec(16, 3, 64, torch.float32)
+    # what MLXWorker.get_cache_block_size_bytes computes for the same layout
+    assert spec.page_size_bytes == 2 * 16 * 3 * 64 * 4
+    assert not inspect.isabstract(MLXWorker)  # every abstract WorkerBase method implemented
+
+
+def test_scheduler_output_has_the_fields_the_runner_reads():
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    new = {f.name for f in dataclasses.fields(NewRequestData)}
+    assert {"req_id", "prompt_token_ids", "sampling_params", "block_ids",
+            "num_computed_tokens"} <= new
+    cached = {f.name for f in dataclasses.fields(CachedRequestData)}
+    assert {"req_ids", "resumed_req_ids", "all_token_ids", "new_token_ids", "new_block_ids",
+            "num_computed_tokens", "num_output_tokens"} <= cached
+    so = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+            "finished_req_ids", "scheduled_spec_decode_tokens"} <= so
+
+
+def test_pp_layer_range_is_the_split_vllm_sizes_kv_caches_by(monkeypatch):
+    from vllm.config import ParallelConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert compat_vllm.pp_layer_range(30, 1, 2) == (15, 30)
+    assert compat_vllm.pp_layer_range(5, 0, 2) == (0, 3)
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,4")
+    assert compat_vllm.pp_layer_range(5, 0, 2) == (0, 1)  # vLLM's partition override
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION")
+    from vllm_ray_metal import default_model
+
+    cfg = EngineArgs(model=default_model(), max_model_len=256).create_engine_config()
+    for rank in (0, 1):  # the per-rank layer count vLLM's KV-cache manager expects
+        parallel = ParallelConfig(pipeline_parallel_size=2, rank=rank)
+        start, end = compat_vllm.pp_layer_range(30, rank, 2)
+        assert cfg.model_config.get_num_layers(parallel) == end - start
+
+
+def test_env_names_vllm_reads(monkeypatch):
+    import vllm.envs as envs
+
+    monkeypatch.setenv(compat_vllm.DP_PACK_ENV, "span")
+    assert envs.VLLM_RAY_DP_PACK_STRATEGY == "span"
+    monkeypatch.setenv(compat_vllm.INPROC_ENGINE_ENV, "0")
+    assert envs.VLLM_ENABLE_V1_MULTIPROCESSING is False
+    monkeypatch.delenv(compat_vllm.INPROC_ENGINE_ENV)
+    assert compat_vllm.prefer_inproc_engine_core()  # our default when the user set nothing
+    monkeypatch.setenv(compat_vllm.INPROC_ENGINE_ENV, "1")  # the user's choice wins
+    assert not compat_vllm.prefer_inproc_engine_core()
+    # (that the offline LLM then runs its engine core in-process: test_executor.py asserts
+    # engine_core == "InprocClient")
+
+
+def test_registered_variables_pass_vllms_strict_check(monkeypatch):
+    from vllm.platforms.interface import Platform
+
+    compat_vllm.register_environment_variables({"VLLM_RAY_METAL_CONTRACT_PROBE": lambda: 1})
+    monkeypatch.setenv("VLLM_RAY_METAL_CONTRACT_PROBE", "1")
+    Platform.validate_environ(hard_fail=True)
+    monkeypatch.setenv("VLLM_RAY_METAL_UNREGISTERED_PROBE", "1")
+    with pytest.raises(ValueError):
+        Platform.validate_environ(hard_fail=True)
+
+
+def _queue_pair():
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    writer = MessageQueue(n_reader=1, n_local_reader=1)
+    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
+    ready = threading.Thread(target=writer.wait_until_ready)
+    ready.start()
+    reader.wait_until_ready()
+    ready.join()
+    return writer, reader
+
+
+def _cpu_while_waiting(reader, seconds: float) -> float:
+    before = resource.getrusage(resource.RUSAGE_THREAD)
+    with pytest.raises(TimeoutError):
+        reader.dequeue(timeout=seconds)
+    after = resource.getrusage(resource.RUSAGE_THREAD)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def test_reader_spin_decides_whether_a_waiting_reader_burns_a_core():
+    writer, reader = _queue_pair()
+    writer.enqueue("first")
+    assert reader.dequeue(timeout=5) == "first"  # a read starts the reader's spin window
+    compat_vllm.set_reader_spin(reader, 0.0)
+    assert _cpu_while_waiting(reader, 0.5) < 0.15
+    compat_vllm.set_reader_spin(reader, 30.0)
+    writer.enqueue("second")
+    assert reader.dequeue(timeout=5) == "second"
+    assert _cpu_while_waiting(reader, 0.5) > 0.3  # vLLM's busy-wait
+
+
+def test_engine_dead_error_carries_our_reason():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    err = compat_vllm.engine_dead_error("MLX worker rank 1 on 127.0.0.3 (pid 7) died")
+    assert isinstance(err, EngineDeadError) and str(err).startswith("MLX worker rank 1")
+
+
+def test_accelerator_cleanup_is_safe_on_a_torch_without_accelerators():
+    import vllm.v1.engine.core as core
+
+    compat_vllm.guard_accelerator_cleanup()
+    compat_vllm.guard_accelerator_cleanup()  # idempotent
+    core.cleanup_dist_env_and_memory()  # what the engine core calls at every shutdown
+
+
+def test_vllm_cli_runs_under_the_installed_distribution_name(capsys):
+    import vllm
+
+    with pytest.raises(SystemExit) as done:
+        compat_vllm.run_vllm_cli(["--version"])
+    assert done.value.code in (0, None)
+    assert vllm.__version__ in capsys.readouterr().out
+
+
+def test_dp_collective_rpc_names_match_the_client():
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+    assert inspect.iscoroutinefunction(DPLBAsyncMPClient.call_utility_all_async)
+    assert list(inspect.signature(DPLBAsyncMPClient.call_utility_all_async).parameters)[:2] \
+        == ["self", "method"]
+    # (answers from every replica: test_data_parallel.py's "replicas")
+
+
+def test_dp_replicas_get_the_instance_suffix_our_actor_names_expect():
+    from vllm.v1.engine.utils import _apply_dp_identity_suffix
+
+    from vllm_ray_metal.distributed.executor import RayMetalExecutor
+
+    config = SimpleNamespace(instance_id="abc", kv_transfer_config=None)
+    _apply_dp_identity_suffix(config, 1)
+    executor = SimpleNamespace(vllm_config=config,
+                               parallel_config=SimpleNamespace(data_parallel_index=1))
+    assert RayMetalExecutor.actor_instance_id(executor) == "abc_dp1"  # not "abc_dp1_dp1"
+    executor.vllm_config = SimpleNamespace(instance_id="abc")  # mp DP: no suffix from vLLM
+    assert RayMetalExecutor.actor_instance_id(executor) == "abc_dp1"
+
+
+def test_ray_executor_pieces_the_hooked_executor_runs():
+    from vllm.config import ParallelConfig
+
+    from vllm_ray_metal.compat import vllm_executor as ve
+
+    base = ve.HookedRayExecutor
+    state = SimpleNamespace(parallel_config=ParallelConfig(tensor_parallel_size=2))
+    assert base._get_parallel_sizes(state) == (2, 1, 1) and state.world_size == 2
+    assert base._is_driver_worker(state, 0) and not base._is_driver_worker(state, 1)
+    assert base._get_output_rank(state) == 0
+    runtime_env = base._build_runtime_env(state)
+    assert isinstance(runtime_env, dict) and "env_vars" in runtime_env
+
+    from vllm.v1.executor.ray_utils import build_actor_name
+
+    assert "abc" in build_actor_name("abc", 1, 2, 1, 1)
+    from vllm.v1.executor.ray_env_utils import get_driver_env_vars
+
+    os.environ["VLLM_RAY_METAL_CONTRACT_LOCAL"] = "1"
+    try:
+        carried = get_driver_env_vars(worker_specific_vars={"VLLM_RAY_METAL_CONTRACT_LOCAL"})
+        assert "VLLM_RAY_METAL_CONTRACT_LOCAL" not in carried and "PATH" in carried
+    finally:
+        del os.environ["VLLM_RAY_METAL_CONTRACT_LOCAL"]
+
+    handle = ve.RayWorkerHandle(actor=None, rank=0, local_rank=-1, node_id="n",
+                                bundle_id_idx=0)
+    assert handle.run_ref is None
+    params = inspect.signature(ve.RayWorkerProc.initialize_worker).parameters
+    assert list(params)[1:5] == ["local_rank", "env_vars", "distributed_init_method",
+                                 "driver_env_vars"] and "assigned_physical_gpu_ids" in params
+    assert isinstance(ve.RayWorkerProc.READY_STR, str)
+    # (bundles_by_node, the actors and the queues run in every test_executor.py scenario)
+
+
+def test_message_queue_round_trip_across_threads():
+    writer, reader = _queue_pair()
+    start = time.perf_counter()
+    writer.enqueue({"x": 1})
+    assert reader.dequeue(timeout=5) == {"x": 1} and time.perf_counter() - start < 5
