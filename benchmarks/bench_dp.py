@@ -1,7 +1,8 @@
 """Data parallel: output tokens/s at DP=1 and DP=2 (one replica per raylet), same prompts.
 
-Starts its own raylets on loopback addresses (one METAL unit each), runs
-``tests/dp_scenario.py`` (AsyncLLM, Ray DP backend) for each DP size, writes
+Starts its own raylets on loopback addresses (one METAL unit each), runs the ``dp``
+scenario of ``vllm_ray_metal.testing.scenarios`` (AsyncLLM, Ray DP backend) for each DP
+size, writes
 ``benchmarks/results/data_parallel.json`` (``.smoke.json`` under 16 prompts) and
 regenerates BENCHMARKS.md.
 

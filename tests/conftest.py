@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nodes default to off; pin one mode for every raylet and driver the tests start.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
-KINDS = ("unit", "ray", "serve", "bench")  # what a test starts; exactly one each
+KINDS = ("unit", "engine", "ray", "serve", "bench")  # what a test starts; exactly one each
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -16,7 +16,8 @@ from vllm_ray_metal.engine import model_loader, pipeline, tensor_parallel
 WORKER_QUALNAME = "vllm_ray_metal.engine.worker.MLXWorker"
 DEFAULT_BLOCK_SIZE = 16
 EXECUTOR_QUALNAMES = {"vllm_ray_metal.RayMetalExecutor",
-                      "vllm_ray_metal.executor.RayMetalExecutor"}
+                      "vllm_ray_metal.distributed.executor.RayMetalExecutor",
+                      "vllm_ray_metal.executor.RayMetalExecutor"}  # (the path before 0.2)
 
 
 class UnsupportedConfig(ValueError):

@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_ray_metal import envs
+from vllm_ray_metal import cpu, envs
 from vllm_ray_metal.compat import vllm as compat_vllm
 
 PLATFORM_QUALNAME = "vllm_ray_metal.platform.MLXPlatform"
@@ -57,12 +57,14 @@ class MLXPlatform(Platform):
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
+        cpu.preload(build=False)  # before MLX loads in this process (see cpu/)
         from vllm_ray_metal.engine import device
 
         return device.query().name
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:
+        cpu.preload(build=False)
         from vllm_ray_metal.engine import device
 
         return device.query().working_set
@@ -88,6 +90,9 @@ class MLXPlatform(Platform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
+        # An engine is being configured: if it runs in this process, MLX (which the checks
+        # below import) must bind to the tuned BLAS; a shim not built yet is left to workers
+        cpu.preload(build=False)
         from vllm_ray_metal.config import apply_platform_config
 
         apply_platform_config(vllm_config)

@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
 
 from vllm_ray_metal.cpu import rmsnorm
 from vllm_ray_metal.testing.models import mlx_llama

@@ -8,7 +8,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models import llama
 
 from vllm_ray_metal.cpu import swiglu
 from vllm_ray_metal.testing.models import mlx_llama

@@ -15,7 +15,7 @@ from vllm.inputs import TokensPrompt
 from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
 from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, hf_greedy
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.engine
 NEW_TOKENS = 32
 STORY = "Mountains rise above the valley where farmers grow wheat and barley. "
 
@@ -42,12 +42,22 @@ def generate_ids(llm, prompts: list[list[int]], params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-@pytest.mark.core
 def test_greedy_matches_transformers(llm, hf_model, model_dir):
     prompts = chat_token_ids(model_dir, CHAT_PROMPTS)
     ours = generate_ids(llm, prompts, greedy())
     for ids, got in zip(prompts, ours):
         assert got == hf_greedy(hf_model, ids, NEW_TOKENS)
+
+
+def test_the_worker_runs_with_the_tuned_blas(llm):
+    """Tuning on (Linux): MLX bound to the shim's OpenBLAS (or MKL without a compiler)."""
+    import sys
+
+    from vllm_ray_metal import cpu
+
+    (info,) = llm.collective_rpc("node_info")
+    if cpu.tuning() == "1" and sys.platform.startswith("linux"):
+        assert "openblas" in info["cpu_setup"] or "mkl" in info["cpu_setup"], info
 
 
 def test_capital_of_france(llm):
@@ -66,7 +76,6 @@ def _mixed_prompts(model_dir) -> list[list[int]]:
     return base + longer
 
 
-@pytest.mark.core
 def test_batched_equals_alone(llm, model_dir):
     prompts = _mixed_prompts(model_dir)
     assert len(prompts) == 8 and max(map(len, prompts)) > 256  # one needs several chunks
@@ -75,7 +84,6 @@ def test_batched_equals_alone(llm, model_dir):
     assert together == alone
 
 
-@pytest.mark.core
 def test_prefix_cache_hits_and_same_output(llm, model_dir):
     text = "Here is a long document. " + " ".join(f"Fact {i}: {i} squared is {i*i}."
                                                   for i in range(40))
@@ -127,42 +135,6 @@ def test_same_step_prefix_hits_read_written_blocks(hf_model, model_dir, monkeypa
         assert [list(o.outputs[0].token_ids) for o in group] == [hf_greedy(hf_model, p, 8)] * 3
 
 
-def test_forward_groups_write_blocks_before_reading_them():
-    """Forwards run in an order where no row reads a block a later forward writes."""
-    from vllm_ray_metal.engine.model_runner import MLXModelRunner, RequestState, _Row
-
-    runner = object.__new__(MLXModelRunner)
-    runner.block_size = 4
-
-    def row(index: int, blocks: list[int], start: int, count: int) -> _Row:
-        state = RequestState(f"r{index}", [0] * 16, None, blocks, start, None)
-        return _Row(state, start, count, index)
-
-    def ids(rows: list[_Row]) -> list[list[int]]:
-        return [[r.index for r in g] for g in runner._forward_groups(rows)]
-
-    decode, prefill = row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6)
-    # prompt chunks of near-equal length share a forward, longest first
-    assert ids([decode, prefill, row(2, [5], 0, 3)]) == [[0], [1, 2]]
-    assert ids([row(0, [5], 0, 3), row(1, [6, 7, 8, 9, 10], 0, 20), row(2, [3, 4], 0, 6)]) \
-        == [[2, 0], [1]]  # groups keep the scheduler's order of their first rows
-    # a longer prompt that hits block 3, which a shorter one fills in this step: the
-    # writer's forward still comes first, and the reverse order falls back to one forward
-    writer, reader = row(0, [3, 4], 0, 8), row(1, [3, 5, 6, 7, 8, 9], 4, 20)
-    assert ids([writer, reader]) == [[0], [1]]
-    assert ids([row(0, [3, 5, 6, 7, 8, 9], 4, 20), row(1, [3, 4], 0, 8)]) == [[0, 1]]
-    # a one-token row hits block 3, which the prefill fills in this step: it runs last
-    assert ids([decode, prefill, row(2, [3, 6], 4, 1), row(3, [7], 2, 1)]) == \
-        [[0, 3], [1], [2]]
-    # a prefill hits block 2, whose last slot a one-token row fills: already in order
-    assert ids([row(0, [1, 2], 7, 1), row(1, [1, 2, 7], 8, 2)]) == [[0], [1]]
-    # conflicts vLLM does not produce with block_size > 1 (a prefill reading the block a
-    # late one-token row writes; two rows writing one block) fall back to one forward
-    late_writer = [prefill, row(2, [3, 9], 4, 1), row(3, [3, 9, 10], 8, 3)]
-    assert ids(late_writer) == [[1, 2, 3]]
-    assert ids([row(0, [3, 4], 0, 8), row(1, [3, 4], 7, 1)]) == [[0, 1]]
-
-
 def test_seeded_sampling_is_reproducible(llm, model_dir):
     prompt = chat_token_ids(model_dir, ["Tell me a story about a dragon."])
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.02, seed=1234,
@@ -204,7 +176,6 @@ def test_prompt_longer_than_max_model_len_is_rejected(llm):
     assert generate_ids(llm, [[1, 2, 3]], greedy(2))[0]
 
 
-@pytest.mark.core
 def test_preemption_keeps_outputs(model_dir):
     prompts = _mixed_prompts(model_dir)
     tight = make_llm(model_dir, max_model_len=512, kv_cache_memory_bytes=24 << 20,

@@ -1,7 +1,7 @@
 """Every touch-point with MLX and mlx-lm beyond their documented API, in one place.
 
 Pinned: ``mlx==0.32.4``, ``mlx-lm==0.32.2``. Model code stays in mlx-lm; these are the
-loader pieces, helpers and class names the package adapts to. ``tests/compat/test_mlx.py``
+loader pieces, helpers and class names the package adapts to. ``tests/compat/test_compat_mlx.py``
 calls each on a tiny input.
 """
 

@@ -1,6 +1,6 @@
 """Every touch-point with Ray beyond its public API (Ray 2.60), in one place.
 
-Each helper names what it relies on; ``tests/compat/test_ray.py`` exercises each against
+Each helper names what it relies on; ``tests/compat/test_compat_ray.py`` exercises each against
 the installed Ray, so a change fails there instead of inside a worker.
 """
 

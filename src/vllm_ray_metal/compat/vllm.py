@@ -1,6 +1,6 @@
 """Every touch-point with vLLM beyond its plugin API (vLLM 0.32.0), in one place.
 
-Each helper names the upstream symbol it relies on. ``tests/compat/test_vllm.py`` calls
+Each helper names the upstream symbol it relies on. ``tests/compat/test_compat_vllm.py`` calls
 each on a tiny input against the installed vLLM, so an upstream change fails there,
 loudly, instead of deep inside a worker. The Ray executor's internals are in
 ``vllm_executor.py`` (it imports Ray).
@@ -36,8 +36,8 @@ def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, in
     return int(start), int(end)
 
 
-# A contract the worker relies on without calling into vLLM here (exercised by
-# tests/compat/test_vllm.py): with PP, EngineCore.step_with_batch_queue collects a step's
+# A contract the worker relies on without calling into vLLM here (exercised by the live
+# pipeline tests, tests/engine/test_pipeline.py): with PP, EngineCore.step_with_batch_queue collects a step's
 # output through Worker.sample_tokens when execute_model returned None (engine/worker.py).
 
 # vllm.envs.VLLM_RAY_DP_PACK_STRATEGY ("strict" | "fill" | "span"): how vLLM's Ray DP

@@ -111,8 +111,9 @@ class HookedRayExecutor(RayExecutorV2):
                 actor=actor, rank=rank, local_rank=-1, node_id=node_id,
                 bundle_id_idx=bundle_idx))
 
-        inits = self.prepare_workers(self.ray_worker_handles)
+        # rank 0's store first: it holds its port while prepare_workers reserves others
         init_method = ray.get(self.ray_worker_handles[0].actor.create_dist_init_method.remote())
+        inits = self.prepare_workers(self.ray_worker_handles)
         ray.get([h.actor.initialize_worker.remote(h.local_rank, env, init_method,
                                                   self.driver_env_vars,
                                                   assigned_physical_gpu_ids=device_ids)
@@ -122,7 +123,7 @@ class HookedRayExecutor(RayExecutorV2):
         self.response_mqs = []
         for rank, result in enumerate(results):
             if result["status"] != self.worker_proc_cls.READY_STR:
-                raise RuntimeError(f"Worker rank {rank} failed to initialize: {result}")
+                raise RuntimeError(f"MLX worker rank {rank} failed to initialize: {result}")
             queue = MessageQueue.create_from_handle(result["handle"], 0)
             self.response_mqs.append(self.wrap_response_queue(queue))
         for handle in self.ray_worker_handles:

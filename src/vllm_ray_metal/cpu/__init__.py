@@ -30,16 +30,18 @@ def tuning() -> str:
     return envs.cpu_tuning()
 
 
-def preload() -> str | None:
-    """Load the optimised BLAS for MLX (building its shim if needed); its path, or None.
+def preload(build: bool = True) -> str | None:
+    """Load the optimised BLAS for MLX; its path, or None.
 
-    A no-op once ``mlx.core`` is imported in this process.
+    ``build``: compile the shim first if this machine has a compiler and no build yet (a
+    worker); without it an unbuilt shim means the MKL fallback. A no-op once ``mlx.core``
+    is imported in this process.
     """
     if tuning() == "0":
         return None
     from vllm_ray_metal.cpu import blas
 
-    return blas.preload()
+    return blas.preload(build)
 
 
 def setup_process(ranks_on_node: int = 1, ranks_on_host: int = 1) -> str:
@@ -49,13 +51,13 @@ def setup_process(ranks_on_node: int = 1, ranks_on_host: int = 1) -> str:
         return "CPU tuning off"
     from vllm_ray_metal.cpu import blas, heap
 
-    if blas.loaded is None:
-        logger.warning("MLX's CPU backend runs on its bundled BLAS in this process (it was "
-                       "imported before vllm-ray-metal could load another); run "
-                       "`vllm-ray-metal build-blas` once so later processes load the shim")
-        return "bundled BLAS"
-    threads = blas.configure(ranks_on_node, ranks_on_host)
-    done = f"{blas.loaded} with {threads} thread(s)"
+    if blas.loaded is not None:
+        done = f"{blas.loaded} with {blas.configure(ranks_on_node, ranks_on_host)} thread(s)"
+    else:
+        done = "MLX's bundled BLAS"
+        if blas.missed_mlx:
+            logger.warning("MLX's CPU backend runs on its bundled BLAS in this process: MLX "
+                           "was imported before vllm-ray-metal could load another")
     if mode == "1" and heap.keep_freed_memory():  # a step's arrays reuse the last's pages
         done += ", freed memory kept in the heap"
     return done

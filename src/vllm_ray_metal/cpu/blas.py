@@ -50,6 +50,7 @@ SHIM_SOURCE = Path(__file__).with_name("sgemm_shim.c")
 KERNELS = {"none": 0, "avx2": 1, "avx512": 2}  # the shim's KERNEL_* values
 
 loaded: str | None = None
+missed_mlx = False  # preload came after this process imported mlx.core
 _shim: ctypes.CDLL | None = None
 _user_blocktime = os.environ.get(BLOCKTIME_ENV)  # before set_spin writes it
 _lib: ctypes.CDLL | None = None
@@ -70,19 +71,23 @@ def _open(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
-def preload() -> str | None:
+def preload(build: bool = True) -> str | None:
     """Load the preferred BLAS with RTLD_GLOBAL; return its path (or None).
 
-    Must run before this process imports ``mlx.core``; afterwards it loads nothing.
-    Builds the shim first if this machine has a compiler and no build of it yet.
+    Must run before this process imports ``mlx.core``; afterwards it loads nothing (and
+    :data:`missed_mlx` says so). ``build``: compile the shim first if this machine has a
+    compiler and no build of it yet; else an unbuilt shim means the next library.
     """
-    global loaded, _lib
-    if loaded or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
+    global loaded, _lib, missed_mlx
+    if loaded or not sys.platform.startswith("linux"):
         return loaded
     choice = envs.VLLM_RAY_METAL_BLAS
     if choice.lower() == "none":
         return None
-    if not choice and _load_openblas_shim():
+    if "mlx.core" in sys.modules:
+        missed_mlx = True
+        return None
+    if not choice and _load_openblas_shim(build):
         return loaded
     if choice.lower() == "mkl":
         choice = ""
@@ -168,12 +173,14 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _load_openblas_shim() -> bool:
+def _load_openblas_shim(build: bool = True) -> bool:
     """Load OpenBLAS (scipy-openblas32) behind the shim; True if MLX will use it."""
     global loaded, _lib, _shim
     library = _openblas32()
-    shim_path = build_shim() if library else None
-    if shim_path is None:
+    if library is None:
+        return False
+    shim_path = build_shim() if build else shim_target()
+    if shim_path is None or not shim_path.exists():
         return False
     # OpenBLAS's idle threads busy-wait ~2^28 cycles (~0.1 s) after each threaded call; they
     # would hold a core the shim's kernel threads and MLX need. 2^4 cycles: sleep at once.

@@ -35,9 +35,10 @@ class MLXWorker(WorkerBase):
         compat_vllm.guard_accelerator_cleanup()  # in-process (uni) executors share our process
         spec = WorkerSpec.from_env()
         self.mlx_device = device.use()
-        if not self.mlx_device.metal:  # before this process's first matrix product
-            logger.info("MLX CPU backend: %s",
-                        cpu.setup_process(spec.ranks_on_node, spec.ranks_on_host))
+        self.cpu_setup = "" if self.mlx_device.metal else \
+            cpu.setup_process(spec.ranks_on_node, spec.ranks_on_host)  # before any product
+        if self.cpu_setup:
+            logger.info("MLX CPU backend: %s", self.cpu_setup)
         self.device = torch.device("cpu")  # torch only carries metadata; compute is MLX
         self.memory_at_start = self.mlx_device.working_set
         seed = self.model_config.seed
@@ -59,6 +60,7 @@ class MLXWorker(WorkerBase):
         runner = self.model_runner
         return {"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid(),
                 "host_ip": os.environ.get("VLLM_HOST_IP"), "device": str(mx.default_device()),
+                "cpu_setup": self.cpu_setup,
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
                 "group_size": self.group.size() if self.group is not None else 1,
