@@ -102,7 +102,7 @@ def _configure_data_parallel(vllm_config) -> None:
     from vllm_ray_metal.distributed import data_parallel
 
     try:
-        data_parallel.configure(vllm_config, envs.VLLM_RAY_METAL_RAY_KEY)
+        data_parallel.configure(vllm_config)
     except data_parallel.DataParallelError as exc:
         raise UnsupportedConfig(str(exc)) from None
 
@@ -163,8 +163,8 @@ def _export_ray_address(world_size: int) -> None:
         raise UnsupportedConfig(RAY_MISSING) from None
     if ray.is_initialized():
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        from vllm_ray_metal.distributed import cluster
+        from vllm_ray_metal.distributed import cluster, keys
 
         # the engine process vLLM may spawn joins as a driver on this node (cluster.connect)
         os.environ[cluster.DRIVER_NODE_IP_ENV] = compat_ray.node_ip()
-        cluster.check_capacity(envs.VLLM_RAY_METAL_RAY_KEY, world_size)
+        cluster.check_capacity(keys.resolve(world_size).key, world_size)

@@ -65,10 +65,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("VLLM_RAY_METAL_DISABLE", "bool", "off",
              "`1` switches the platform plugin off: stock vLLM",
              lambda raw: _flag(raw, False)),
-    Variable("VLLM_RAY_METAL_RAY_KEY", "str", "`METAL`",
-             "the Ray resource each worker asks for (`mlx` for clusters started the "
-             "vllm-metal way)",
-             lambda raw: raw.strip() or "METAL"),
+    Variable("VLLM_RAY_METAL_RAY_KEY", "str", "`auto`",
+             "the Ray resource each worker asks for; `auto`: `METAL` if a node advertises "
+             "it, else `mlx` (clusters started the vllm-metal way), else Ray's `GPU` (plain "
+             "`ray start` on a Mac)",
+             lambda raw: raw.strip() or "auto"),
     Variable("VLLM_RAY_METAL_AUTO_RAY", "bool", "on",
              "`0`: `\"ray\"` and an initialised Ray no longer select `RayMetalExecutor`",
              lambda raw: _flag(raw, True)),

@@ -33,7 +33,10 @@ def activate() -> str | None:
 
 
 def ray_resource_key() -> str:
-    return envs.VLLM_RAY_METAL_RAY_KEY
+    """The key until a cluster is seen: the one ``VLLM_RAY_METAL_RAY_KEY`` names, else
+    ``METAL``; the executor then chooses from the cluster's nodes (distributed/keys.py)."""
+    value = envs.VLLM_RAY_METAL_RAY_KEY
+    return "METAL" if value.lower() == "auto" else value
 
 
 class MLXPlatform(Platform):

@@ -57,6 +57,9 @@ def test_prestart_request_is_built_and_sent_over_rays_channel():
 def test_osx_cluster_env_is_set_once_and_kept(monkeypatch):
     env: dict[str, str] = {}
     compat_ray.set_osx_cluster_env(env)
+    assert env == {} or compat_ray.MACOS  # only on macOS
+    monkeypatch.setattr(compat_ray, "MACOS", True)
+    compat_ray.set_osx_cluster_env(env)
     assert env == {compat_ray.OSX_CLUSTER_ENV: "1"}
     env[compat_ray.OSX_CLUSTER_ENV] = "0"  # the user's value wins
     compat_ray.set_osx_cluster_env(env)

@@ -75,11 +75,14 @@ def test_vllms_worker_wrapper_hands_our_worker_its_calls():
     wrapper.init_device()
     assert calls == [("kv", "rank 1's"), ("device",)]
     assert wrapper.node_info() == "ours"
-    # the methods the engine calls on every worker are ones MLXWorker defines itself
-    for name in ("init_device", "load_model", "get_kv_cache_spec", "determine_available_memory",
-                 "initialize_from_config", "compile_or_warm_up_model", "execute_model",
-                 "sample_tokens", "get_supported_tasks"):
+    # WorkerBase's contract (what the engine calls on every worker), all MLXWorker's own
+    for name in ("init_device", "load_model", "get_kv_cache_spec", "compile_or_warm_up_model",
+                 "execute_model", "sample_tokens", "get_supported_kv_cache_layouts",
+                 "get_cache_block_size_bytes"):
         assert hasattr(WorkerBase, name) and name in vars(MLXWorker), name
+    for name in ("initialize_from_config", "determine_available_memory",  # called by name
+                 "get_supported_tasks"):
+        assert name in vars(MLXWorker), name
 
 
 def test_scheduler_output_has_the_fields_the_runner_reads():

@@ -38,9 +38,9 @@ def test_switched_on_the_wrappers_go_in_and_logits_stay(monkeypatch):
 
 
 def test_off_linux_or_with_the_platform_off_nothing_is_tuned(monkeypatch):
-    monkeypatch.setattr(cpu.sys, "platform", "darwin")
+    monkeypatch.setattr(cpu, "LINUX", False)
     assert cpu.tuning() == "0"
     assert cpu.setup_process() == "CPU tuning off"
-    monkeypatch.setattr(cpu.sys, "platform", "linux")
+    monkeypatch.setattr(cpu, "LINUX", True)
     monkeypatch.setenv("VLLM_RAY_METAL_DISABLE", "1")
     assert cpu.tuning() == "0" and cpu.preload() is None

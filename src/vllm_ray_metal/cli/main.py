@@ -46,12 +46,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import ray
     from vllm import LLM, SamplingParams
 
-    from vllm_ray_metal import RayMetalExecutor, envs
+    from vllm_ray_metal import RayMetalExecutor
     from vllm_ray_metal.default_model import default_model
+    from vllm_ray_metal.distributed import keys
 
     model = args.model or default_model()
-    key = envs.VLLM_RAY_METAL_RAY_KEY
-    ray.init(resources={key: 1}, include_dashboard=False, logging_level="ERROR")
+    key = keys.explicit() or keys.DEFAULT
+    slots = {"num_gpus": 1} if key == "GPU" else {"resources": {key: 1}}
+    ray.init(include_dashboard=False, logging_level="ERROR", **slots)
     llm = None
     try:
         started = time.perf_counter()
@@ -78,15 +80,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from vllm_ray_metal import envs
     from vllm_ray_metal.cli import node
+    from vllm_ray_metal.distributed import keys
 
     if not args.head and not args.address:
         print("error: give --head to start a cluster or --address HEAD:PORT to join one",
               file=sys.stderr)
         return 2
     info = node.start_node(head=args.head, address=args.address, node_ip=args.node_ip_address,
-                           port=args.port, key=args.key or envs.VLLM_RAY_METAL_RAY_KEY,
+                           port=args.port, key=args.key or keys.explicit() or keys.DEFAULT,
                            units=args.units, extra=args.ray_args,
                            preload=args.preload)
     role = "head" if info["head"] else "worker"
@@ -102,11 +104,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import ray
 
-    from vllm_ray_metal import envs
     from vllm_ray_metal.cli import node
-    from vllm_ray_metal.distributed import cluster
+    from vllm_ray_metal.distributed import cluster, keys
 
-    key = args.key or envs.VLLM_RAY_METAL_RAY_KEY
     heads = [n["address"] for n in node.started_nodes() if n["head"]]
     address = args.address or os.environ.get("RAY_ADDRESS") or (heads[0] if heads else "auto")
     try:
@@ -116,10 +116,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     nodes = cluster.list_nodes()
+    choice = keys.KeyChoice(args.key, "--key") if args.key else keys.choose(nodes)
+    key = choice.key
     print(f"Cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)")
     print(cluster.node_table(nodes, key))
     total = sum(int(n.units(key)) for n in nodes)
     print(f"{key} units on alive nodes: {total}")
+    print(f"The executor uses the Ray resource {key!r}: {choice.reason}.")
+    try:
+        keys.check(nodes, choice, max(total, 1))
+    except cluster.PlacementError as exc:
+        print(f"Problem: {exc}")
     host_ip = os.environ.get("VLLM_HOST_IP")
     addresses = {n.address for n in nodes if n.alive}
     if host_ip and host_ip not in addresses:
@@ -203,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-ip-address", help="this node's address (default: the one that "
                    "routes to the head)")
     p.add_argument("--units", type=int, help="workers this node may host (default: detected)")
-    p.add_argument("--key", help="Ray resource name (default: METAL or $VLLM_RAY_METAL_RAY_KEY)")
+    p.add_argument("--key", help="Ray resource to advertise (default: METAL, or "
+                   "$VLLM_RAY_METAL_RAY_KEY when it names one)")
     p.add_argument("--preload", action="store_true",
                    help="have the node's idle Ray workers (~620 MiB each) pre-import vLLM "
                    "and MLX, and replace the ones an LLM used: its starts skip ~10 s")
@@ -213,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show nodes, addresses and key units")
     p.add_argument("--address", help="cluster address (default: RAY_ADDRESS or ours)")
-    p.add_argument("--key")
+    p.add_argument("--key", help="look at this Ray resource (default: the one the executor "
+                   "would choose)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("stop", help="stop the Ray nodes this tool started on this machine")

@@ -66,8 +66,7 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
            f"--resources={json.dumps({key: units})}", *extra]
     cmd += ["--head", f"--port={port}"] if head else [f"--address={address}"]
     env = {**os.environ, **cluster.preload_env(preload)}  # warm idle workers (cluster.py)
-    if sys.platform == "darwin":
-        compat_ray.set_osx_cluster_env(env)  # multi-node Ray on macOS
+    compat_ray.set_osx_cluster_env(env)  # multi-node Ray on macOS
     log = state_dir() / f"{node_ip}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,

@@ -7,6 +7,7 @@ the installed Ray, so a change fails there instead of inside a worker.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ PRELOAD_ENV = "RAY_preload_python_modules"
 
 # Ray refuses multi-node clusters on macOS unless this is set on every node
 OSX_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+MACOS = sys.platform == "darwin"  # (tests stand in a Mac by setting it True)
 
 # ray._common.utils.get_ray_address_file(None): where `ray start --head` records the
 # newest cluster's address; a plain `ray.init()` then tries to join it (documented in
@@ -92,8 +94,10 @@ def attach_once(address: str, node_ip: str) -> None:
 
 
 def set_osx_cluster_env(env: dict[str, str] | None = None) -> None:
-    """Allow multi-node Ray on macOS (in ``env``, or this process's environment)."""
-    (os.environ if env is None else env).setdefault(OSX_CLUSTER_ENV, "1")
+    """On macOS, allow multi-node Ray (in ``env``, or this process's environment); a value
+    already there is kept."""
+    if MACOS:
+        (os.environ if env is None else env).setdefault(OSX_CLUSTER_ENV, "1")
 
 
 if __name__ == "__main__":  # `python -m vllm_ray_metal.compat.ray ADDRESS NODE_IP`

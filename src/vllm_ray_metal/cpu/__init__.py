@@ -21,11 +21,12 @@ from typing import Any
 from vllm_ray_metal import envs
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
+LINUX = sys.platform.startswith("linux")  # (tests stand in a Mac by setting it False)
 
 
 def tuning() -> str:
     """``1`` (everything), ``blas`` (the library only) or ``0``; always ``0`` off Linux."""
-    if not sys.platform.startswith("linux") or envs.VLLM_RAY_METAL_DISABLE:
+    if not LINUX or envs.VLLM_RAY_METAL_DISABLE:
         return "0"
     return envs.cpu_tuning()
 
@@ -88,7 +89,7 @@ def install(model: Any, dtype: Any) -> dict[str, int]:
 
 def build_blas() -> str | None:
     """Compile the BLAS shim now (``vllm-ray-metal build-blas``); its path, or None."""
-    if not sys.platform.startswith("linux"):
+    if not LINUX:
         return None
     from vllm_ray_metal.cpu import blas
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 from vllm_ray_metal import envs
@@ -85,9 +84,13 @@ def gcs_address() -> str:
 def fix_command(key: str, missing: int) -> str:
     head = gcs_address()
     units = max(missing, 1)
+    if key == "GPU":  # Ray's own Apple GPU detection: one unit per Mac
+        return (f"on {units} more Mac(s): `ray start --address={head}` (Ray advertises each "
+                f"Mac's GPU), or `vllm-ray-metal start --address {head}`")
     return (f"on each Mac that should run workers: `vllm-ray-metal start --address {head}"
             f" --units {units}` (or `ray start --address={head} --resources='{{\"{key}\": "
-            f"{units}}}'`); on a single machine, start the head with the key: "
+            f"{units}}}'`; on a Mac plain `ray start` advertises GPU, which works too); on a "
+            f"single machine, start the head with the key: "
             f"`vllm-ray-metal start --head --units {units}`")
 
 
@@ -106,7 +109,8 @@ def check_capacity(key: str, world_size: int, nodes: list[NodeInfo] | None = Non
     total = sum(int(n.units(key)) for n in nodes)
     if total >= world_size:
         return
-    what = (f"no alive node advertises the Ray resource {key!r}" if total == 0
+    what = (f"no alive node advertises the Ray resource {key!r} (nor the others MLX workers "
+            f"can use: METAL, mlx or GPU)" if total == 0
             else f"the cluster has {total} unit(s) of {key!r} on alive nodes")
     raise PlacementError(
         f"Cannot place {world_size} MLX worker(s): {what}, and each worker needs one.\n"
@@ -120,8 +124,7 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
 
     if ray.is_initialized():
         return
-    if sys.platform == "darwin":
-        compat_ray.set_osx_cluster_env()
+    compat_ray.set_osx_cluster_env()  # (macOS only)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     try:
@@ -134,7 +137,8 @@ def connect(key: str, runtime_env: dict | None = None, units: int = 1) -> None:
                 f"RAY_ADDRESS={address} is set but no Ray cluster answers there. Start one "
                 f"with `vllm-ray-metal start --head` or unset RAY_ADDRESS.") from None
     logger.info("No Ray cluster found; starting a local one with %s=%d", key, units)
-    ray.init(resources={key: units}, runtime_env=runtime_env, include_dashboard=False)
+    slots = {"num_gpus": units} if key == "GPU" else {"resources": {key: units}}
+    ray.init(runtime_env=runtime_env, include_dashboard=False, **slots)
 
 
 def preload_env(enabled: bool) -> dict[str, str]:

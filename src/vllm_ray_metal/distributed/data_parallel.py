@@ -30,7 +30,7 @@ import os
 from vllm_ray_metal import envs
 from vllm_ray_metal.compat import ray as compat_ray
 from vllm_ray_metal.compat.vllm import DP_PACK_ENV as PACK_ENV
-from vllm_ray_metal.distributed import cluster
+from vllm_ray_metal.distributed import cluster, keys
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -41,8 +41,12 @@ class DataParallelError(ValueError):
     """A data-parallel setting MLX workers cannot honour (raised as UnsupportedConfig)."""
 
 
-def configure(vllm_config, key: str) -> None:
-    """Check and complete a ``data_parallel_size > 1`` config in the caller's process."""
+def configure(vllm_config) -> None:
+    """Check and complete a ``data_parallel_size > 1`` config in the caller's process.
+
+    vLLM's DP launcher places replicas here, by the platform's key: it is chosen from the
+    cluster first (``keys.resolve``).
+    """
     parallel = vllm_config.parallel_config
     model_config = vllm_config.model_config
     dp = parallel.data_parallel_size
@@ -64,14 +68,16 @@ def configure(vllm_config, key: str) -> None:
     if parallel.enable_elastic_ep:
         raise DataParallelError("--enable-elastic-ep is not supported by vllm-ray-metal.")
     if parallel.data_parallel_backend == "mp":
-        _check_mp(parallel, key)
+        _check_mp(parallel)
         return
     if not parallel.use_ray:
         raise DataParallelError(
             "data_parallel_backend='ray' needs the Ray executor: pass "
             "distributed_executor_backend='ray' (or connect to Ray first).")
 
-    cluster.connect(key, parallel.ray_runtime_env, units=dp * parallel.world_size)
+    cluster.connect(keys.explicit() or keys.DEFAULT, parallel.ray_runtime_env,
+                    units=dp * parallel.world_size)
+    key = keys.resolve(dp * parallel.world_size).key
     driver_ip = compat_ray.node_ip()
     nodes = [n for n in cluster.list_nodes() if n.alive]
     if parallel.data_parallel_master_ip not in {n.address for n in nodes}:
@@ -83,7 +89,7 @@ def configure(vllm_config, key: str) -> None:
     _choose_packing(parallel, key, nodes)
 
 
-def _check_mp(parallel, key: str) -> None:
+def _check_mp(parallel) -> None:
     """``mp`` backend: replicas' engine cores are processes on this machine.
 
     Each replica's executor makes its own placement group (workers wherever the key is,
@@ -94,7 +100,8 @@ def _check_mp(parallel, key: str) -> None:
     import ray
 
     if ray.is_initialized():
-        cluster.check_capacity(key, parallel.data_parallel_size * parallel.world_size)
+        world = parallel.data_parallel_size * parallel.world_size
+        cluster.check_capacity(keys.resolve(world).key, world)
 
 
 def _choose_packing(parallel, key: str, nodes: list) -> None:

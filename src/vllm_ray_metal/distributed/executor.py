@@ -23,13 +23,12 @@ import os
 from typing import Any
 
 import ray
-from vllm.platforms import current_platform
 
 from vllm_ray_metal import envs
 from vllm_ray_metal.compat import ray as compat_ray
 from vllm_ray_metal.compat import vllm as compat_vllm
 from vllm_ray_metal.compat import vllm_executor
-from vllm_ray_metal.distributed import cluster, placement
+from vllm_ray_metal.distributed import cluster, keys, placement
 from vllm_ray_metal.distributed.worker_actor import MetalRayWorkerProc, WatchedQueue
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -43,23 +42,26 @@ class RayMetalExecutor(vllm_executor.HookedRayExecutor):
     worker_proc_cls = MetalRayWorkerProc
 
     def place_workers(self) -> Any:
-        key = current_platform.ray_device_key
-        cluster.connect(key, self.parallel_config.ray_runtime_env, units=self.world_size)
+        cluster.connect(keys.explicit() or keys.DEFAULT, self.parallel_config.ray_runtime_env,
+                        units=self.world_size)
+        self.key = keys.resolve(self.world_size).key  # (vLLM's bundle lookup reads it next)
         self._warn_on_host_ip_mismatch()
         pg = self.parallel_config.placement_group
         self._own_placement_group = None
         if pg is None:
-            pg = cluster.create_placement_group(key, self.world_size)
+            pg = cluster.create_placement_group(self.key, self.world_size)
             self.parallel_config.placement_group = pg
             self._own_placement_group = pg  # ours to remove (the engine may share our job)
         return pg
 
     def worker_actor_options(self) -> dict[str, Any]:
-        return dict(num_cpus=0, num_gpus=0, resources={current_platform.ray_device_key: 1.0})
+        if self.key == "GPU":  # Ray's built-in accelerator: asked for by count, not by name
+            return dict(num_cpus=0, num_gpus=1)
+        return dict(num_cpus=0, num_gpus=0, resources={self.key: 1.0})
 
     def prepare_workers(self, handles: list) -> list[tuple[dict[str, str], list[int]]]:
-        key = current_platform.ray_device_key
-        placements = ray.get([h.actor.placement_info.remote() for h in handles])
+        key = self.key
+        placements = ray.get([h.actor.placement_info.remote(key) for h in handles])
         ports = ray.get([h.actor.reserve_port.remote() for h in handles]) \
             if len(handles) > 1 else None  # MLX ring peers: each rank's address + a port
         nodes = cluster.list_nodes()

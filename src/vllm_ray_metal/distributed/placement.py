@@ -8,7 +8,7 @@ environment (its Ray node address as ``VLLM_HOST_IP``, and the :class:`WorkerSpe
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_ray_metal.distributed.cluster import NodeInfo, PlacementError
 from vllm_ray_metal.engine.spec import WorkerSpec
@@ -23,6 +23,7 @@ class Placement:
     units: float  # units of the platform's key Ray assigned to the actor
     pid: int
     preloaded: bool  # its node was started with --preload
+    device_ids: list[int] = field(default_factory=list)  # Ray's ids (built-in accelerators)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def plan_workers(placements: list[Placement], nodes: list[NodeInfo], key: str,
     """Each rank's local rank, device ids and environment, in rank order.
 
     * Local rank: the worker's order among this executor's workers on its node; device ids
-      are that node's ``0 .. n-1`` (a custom key has no physical ids).
+      are the node's ids Ray gave those workers, sorted (``GPU``), or ``0 .. n-1`` (a custom
+      key has no physical ids).
     * ``ring_ports`` (several ranks): a free port each worker reserved on its node's
       address; every rank gets the whole list of ``address:port`` ring peers.
     * BLAS share: a node's cores go to as many ranks as it has key units (other replicas'
@@ -67,12 +69,18 @@ def plan_workers(placements: list[Placement], nodes: list[NodeInfo], key: str,
 
     hosts = [f"{p.address}:{port}" for p, port in zip(placements, ring_ports)] \
         if ring_ports and len(placements) > 1 else []
+    node_devices: dict[str, list[int]] = defaultdict(list)
+    for p in placements:
+        node_devices[p.node_id] += p.device_ids
     plans = []
     for p, local_rank in zip(placements, local_ranks):
+        devices = sorted(node_devices[p.node_id])
+        if len(devices) != per_node[p.node_id] or len(set(devices)) != len(devices):
+            devices = list(range(per_node[p.node_id]))
         spec = WorkerSpec(mlx_hosts=hosts, ranks_on_node=node_ranks[p.node_id],
                           ranks_on_host=host_ranks[host_of.get(p.node_id, p.node_id)])
         plans.append(WorkerInit(local_rank, {"VLLM_HOST_IP": p.address, **spec.to_env()},
-                                list(range(per_node[p.node_id]))))
+                                devices))
     return plans
 
 

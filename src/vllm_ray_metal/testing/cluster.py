@@ -42,10 +42,15 @@ class RayNode:
 
 
 class LocalRayCluster:
-    """``LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})])``; head first."""
+    """``LocalRayCluster([("127.0.0.2", {}), ("127.0.0.3", {"METAL": 1})])``; head first.
+
+    A ``"GPU"`` entry becomes ``--num-gpus`` (what Ray's Apple GPU detection advertises on a
+    Mac with plain ``ray start``). ``stock_head``: the head keeps Ray's dashboard and client
+    server defaults (what ``ray.init("ray://...")`` needs), on ports of its own.
+    """
 
     def __init__(self, nodes: list[tuple[str, dict[str, float]]], num_cpus: int = 1,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, stock_head: bool = False) -> None:
         self.nodes = [RayNode(ip, res, num_cpus) for ip, res in nodes]
         self.env = env or {}  # extra environment for the raylets (and so their workers)
         self.temp_dir = tempfile.mkdtemp(prefix="vrm-ray-")
@@ -53,6 +58,9 @@ class LocalRayCluster:
         self._ports: set[int] = set()
         self.port = self._port(self.head_ip)
         self.address = f"{self.head_ip}:{self.port}"
+        self.stock_head = stock_head
+        self.client_port = self._port(self.head_ip)
+        self.client_address = f"ray://{self.head_ip}:{self.client_port}"
 
     @classmethod
     def one_unit_each(cls, *octets: int) -> "LocalRayCluster":
@@ -67,8 +75,11 @@ class LocalRayCluster:
         return port
 
     def _start_node(self, node: RayNode, head: bool) -> None:
+        resources = dict(node.resources)
+        gpus = int(resources.pop("GPU", 0))
         cmd = [RAY, "start", "--block", f"--node-ip-address={node.ip}",
-               f"--num-cpus={node.num_cpus}", f"--resources={json.dumps(node.resources)}",
+               f"--num-cpus={node.num_cpus}", f"--resources={json.dumps(resources)}",
+               *([f"--num-gpus={gpus}"] if gpus else []),
                "--disable-usage-stats",
                f"--dashboard-agent-listen-port={self._port()}",
                f"--dashboard-agent-grpc-port={self._port()}",
@@ -76,7 +87,9 @@ class LocalRayCluster:
                f"--runtime-env-agent-port={self._port()}"]
         if head:
             cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-                    "--include-dashboard=false", f"--ray-client-server-port={self._port()}"]
+                    f"--ray-client-server-port={self.client_port}"]
+            cmd += [f"--dashboard-port={self._port()}", "--dashboard-host=127.0.0.1"] \
+                if self.stock_head else ["--include-dashboard=false"]
         else:
             cmd += [f"--address={self.address}"]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.env}

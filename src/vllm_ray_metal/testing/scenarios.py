@@ -55,9 +55,11 @@ def run_python(args: list[str], env: dict[str, str] | None = None, timeout: floa
 
 
 def run(scenario: str, cluster, backend: str = "class", opts: dict | None = None,
-        env: dict[str, str] | None = None, timeout: float = 600, **kw) -> Outcome:
-    """Run ``scenario`` (``gen``, ``kill`` or ``dp``) as a driver on ``cluster``'s head."""
-    args = ["-m", "vllm_ray_metal.testing.scenarios", scenario, cluster.address,
+        env: dict[str, str] | None = None, timeout: float = 600, address: str | None = None,
+        **kw) -> Outcome:
+    """Run ``scenario`` (``gen``, ``kill`` or ``dp``) as a driver on ``cluster``'s head (or
+    through ``address``, e.g. its ``ray://`` client address)."""
+    args = ["-m", "vllm_ray_metal.testing.scenarios", scenario, address or cluster.address,
             cluster.head_ip]
     args += [json.dumps(opts or {})] if scenario == "dp" else [backend, json.dumps(opts or {})]
     return run_python(args, env, timeout, **kw)
@@ -143,7 +145,12 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
     from vllm_ray_metal import default_model
     from vllm_ray_metal.compat import ray as compat_ray
 
-    compat_ray.init(address, node_ip, logging_level="ERROR")
+    if address.startswith("ray://"):  # Ray Client: the driver is not a node of the cluster
+        import ray
+
+        ray.init(address, logging_level="ERROR")
+    else:
+        compat_ray.init(address, node_ip, logging_level="ERROR")
     result: dict = {"scenario": scenario}
     with reporting(result) as started:
         kwargs = dict(model=opts.get("model") or default_model(), max_model_len=512,
@@ -153,6 +160,10 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
             kwargs["distributed_executor_backend"] = chosen
         llm = LLM(**kwargs)
         result["ready_s"] = time.perf_counter() - started
+        from vllm.platforms import current_platform
+
+        result["key"] = current_platform.ray_device_key  # as the executor chose it here
+        print(f"Ray resource key chosen: {result['key']}", flush=True)
         if scenario == "kill":
             kill_mid_generation(llm, result, lambda: LLM(**kwargs))
             return

@@ -100,17 +100,23 @@ class ServeProcess:
     """``vllm serve MODEL`` on 127.0.0.1 against a LocalRayCluster; stopped by its own pid."""
 
     def __init__(self, cluster: LocalRayCluster, model: str, log: Path, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 backend: str = "vllm_ray_metal.RayMetalExecutor",
+                 clean: tuple[str, ...] = ()) -> None:
+        """``clean``: variables of this process the server does not inherit (a plain user's
+        environment); without it the server is told its Ray node (this test rig's
+        loopback raylets)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, "RAY_ADDRESS": cluster.address,
-               "VLLM_RAY_METAL_DRIVER_NODE_IP": cluster.head_ip, **(env or {})}
+        base = {k: v for k, v in os.environ.items() if k not in clean}
+        ours = {} if clean else {"VLLM_RAY_METAL_DRIVER_NODE_IP": cluster.head_ip}
+        env = {**base, "RAY_ADDRESS": cluster.address, **ours, **(env or {})}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [*vllm_serve_command(), model, "--host", "127.0.0.1", "--port", str(self.port),
                  "--served-model-name", "smollm2",
-                 "--distributed-executor-backend", "vllm_ray_metal.RayMetalExecutor", *args],
+                 "--distributed-executor-backend", backend, *args],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.pids: set[int] = {self.proc.pid}
 
