@@ -1,0 +1,92 @@
+"""The checkpoints Macs run: mlx-community-style 4-bit (and 8-bit) with bf16 scales.
+
+Made here with ``mlx_lm.convert -q --dtype bfloat16``; config.json then says bfloat16 (as
+mlx-community's do), so vLLM runs bf16 activations. Reference: raw mlx-lm (its model, its
+own KV cache, argmax) on the same directory in the same dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
+from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
+
+NEW_TOKENS = 32
+
+
+def convert(source: str, target: Path, bits: int) -> str:
+    """``mlx_lm convert -q --q-bits BITS --dtype bfloat16``, then config.json's dtype set
+    to what the weights are (convert keeps the source's float32)."""
+    if not (target / "config.json").is_file():
+        from mlx_lm import convert as mlx_convert
+
+        mlx_convert(source, str(target), quantize=True, q_bits=bits, q_group_size=64,
+                    dtype="bfloat16")
+    cfg_file = target / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    assert cfg["quantization"]["bits"] == bits
+    return str(target)
+
+
+def mlx_lm_greedy(model_dir: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Raw mlx-lm: load, its prompt cache, argmax; no vllm-ray-metal code involved."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(model_dir)
+    out = []
+    for ids in prompts:
+        cache = make_prompt_cache(model)
+        tokens, logits = [], model(mx.array([ids]), cache=cache)
+        for _ in range(n):
+            tok = int(mx.argmax(logits[0, -1]).item())
+            tokens.append(tok)
+            logits = model(mx.array([[tok]]), cache=cache)
+        out.append(tokens)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(model_dir, tmp_path_factory) -> dict[int, str]:
+    root = tmp_path_factory.mktemp("quantized")
+    return {bits: convert(model_dir, root / f"smollm2-{bits}bit-bf16", bits) for bits in (4, 8)}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_bf16_checkpoint_equals_raw_mlx_lm(checkpoints, prompts, bits):
+    path = checkpoints[bits]
+    llm = make_llm(path, max_model_len=512, kv_cache_memory_bytes=64 << 20)
+    try:
+        assert str(llm.llm_engine.model_config.dtype) == "torch.bfloat16"
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS,
+                                           ignore_eos=True), use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    ours = [list(o.outputs[0].token_ids) for o in outs]
+    assert len(prompts) >= 4
+    assert ours == mlx_lm_greedy(path, prompts, NEW_TOKENS)
+
+
+@pytest.mark.ray
+def test_quantized_bf16_tp2_equals_raw_mlx_lm(tiny, prompts, tmp_path):
+    """TP=2 needs even head counts: the tiny llama (8 heads / 4 KV heads), 4-bit bf16."""
+    path = convert(tiny, tmp_path / "tiny-4bit-bf16", 4)
+    want = mlx_lm_greedy(path, prompts, NEW_TOKENS)
+    with LocalRayCluster.one_unit_each(96, 97) as c:
+        res = scenarios.run("gen", c, "class", {"model": path, "prompts": prompts,
+                                                 "max_tokens": NEW_TOKENS,
+                                                 "llm": {"tensor_parallel_size": 2}}).ok()
+    assert res["outputs"] == want
+    assert [w["group_size"] for w in res["workers"]] == [2, 2]
