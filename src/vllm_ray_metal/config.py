@@ -167,4 +167,4 @@ def _export_ray_address(world_size: int) -> None:
 
         # the engine process vLLM may spawn joins as a driver on this node (cluster.connect)
         os.environ[cluster.DRIVER_NODE_IP_ENV] = compat_ray.node_ip()
-        cluster.check_capacity(keys.resolve(world_size).key, world_size)
+        cluster.check_capacity(keys.resolve().key, world_size)

@@ -42,16 +42,16 @@ def test_an_explicit_key_wins(monkeypatch):
 def test_gpu_nodes_that_are_not_macs_beside_macs_are_refused():
     nodes = [node("10.0.0.1", MAC), node("10.0.0.2", {"GPU": 1.0, "accelerator_type:A100": 1})]
     with pytest.raises(PlacementError) as info:
-        keys.check(nodes, keys.KeyChoice("GPU", "auto"), 2)
+        keys.check(nodes, keys.KeyChoice("GPU", "auto"))
     msg = str(info.value)
     assert "10.0.0.2" in msg and "10.0.0.1" in msg and "vllm-ray-metal start" in msg
-    keys.check([node("127.0.0.2", {"GPU": 1.0})] * 2, keys.KeyChoice("GPU", "auto"), 2)  # rig
+    keys.check([node("127.0.0.2", {"GPU": 1.0})] * 2, keys.KeyChoice("GPU", "auto"))  # rig
 
 
 def test_nodes_the_chosen_key_leaves_out_are_named(caplog):
     nodes = [node("10.0.0.1", {"METAL": 1}), node("10.0.0.2", MAC)]
     with caplog.at_level("WARNING"):
-        keys.check(nodes, keys.choose(nodes), 1)
+        keys.check(nodes, keys.choose(nodes))
     assert "10.0.0.2" in caplog.text and "VLLM_RAY_METAL_RAY_KEY" in caplog.text
 
 

@@ -77,7 +77,7 @@ def configure(vllm_config) -> None:
 
     cluster.connect(keys.explicit() or keys.DEFAULT, parallel.ray_runtime_env,
                     units=dp * parallel.world_size)
-    key = keys.resolve(dp * parallel.world_size).key
+    key = keys.resolve().key
     driver_ip = compat_ray.node_ip()
     nodes = [n for n in cluster.list_nodes() if n.alive]
     if parallel.data_parallel_master_ip not in {n.address for n in nodes}:
@@ -101,7 +101,7 @@ def _check_mp(parallel) -> None:
 
     if ray.is_initialized():
         world = parallel.data_parallel_size * parallel.world_size
-        cluster.check_capacity(keys.resolve(world).key, world)
+        cluster.check_capacity(keys.resolve().key, world)
 
 
 def _choose_packing(parallel, key: str, nodes: list) -> None:

@@ -44,7 +44,7 @@ class RayMetalExecutor(vllm_executor.HookedRayExecutor):
     def place_workers(self) -> Any:
         cluster.connect(keys.explicit() or keys.DEFAULT, self.parallel_config.ray_runtime_env,
                         units=self.world_size)
-        self.key = keys.resolve(self.world_size).key  # (vLLM's bundle lookup reads it next)
+        self.key = keys.resolve().key  # (vLLM's bundle lookup reads it next)
         self._warn_on_host_ip_mismatch()
         pg = self.parallel_config.placement_group
         self._own_placement_group = None

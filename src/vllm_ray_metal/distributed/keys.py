@@ -58,7 +58,7 @@ def choose(nodes: list[NodeInfo]) -> KeyChoice:
     return KeyChoice(DEFAULT, f"no alive node advertises any of {', '.join(KEYS)}")
 
 
-def check(nodes: list[NodeInfo], choice: KeyChoice, world_size: int) -> None:
+def check(nodes: list[NodeInfo], choice: KeyChoice) -> None:
     """Refuse a GPU cluster that mixes Macs and other machines; warn of unused nodes."""
     alive = [n for n in nodes if n.alive]
     key = choice.key
@@ -89,13 +89,13 @@ def adopt(key: str) -> None:
     current_platform.ray_device_key = key
 
 
-def resolve(world_size: int = 1, nodes: list[NodeInfo] | None = None) -> KeyChoice:
+def resolve(nodes: list[NodeInfo] | None = None) -> KeyChoice:
     """Choose the key for the connected cluster, check it, and adopt it in this process."""
     from vllm_ray_metal.distributed import cluster
 
     nodes = cluster.list_nodes() if nodes is None else nodes
     choice = choose(nodes)
-    check(nodes, choice, world_size)
+    check(nodes, choice)
     adopt(choice.key)
     logger.info("MLX workers use the Ray resource %r: %s", choice.key, choice.reason)
     return choice

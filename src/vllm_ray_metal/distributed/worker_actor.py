@@ -18,7 +18,7 @@ from vllm.platforms import current_platform
 from vllm_ray_metal.compat import ray as compat_ray
 from vllm_ray_metal.compat import vllm as compat_vllm
 from vllm_ray_metal.compat import vllm_executor
-from vllm_ray_metal.distributed import cluster
+from vllm_ray_metal.distributed import cluster, keys
 from vllm_ray_metal.distributed.placement import Placement
 
 
@@ -31,7 +31,9 @@ class MetalRayWorkerProc(vllm_executor.RayWorkerProc):
         Ray's built-in accelerators (``GPU``) come with device ids, as upstream expects;
         a custom resource (``METAL``, ``mlx``) only with an assigned amount.
         """
-        key = key or current_platform.ray_device_key
+        if key:
+            keys.adopt(key)  # the executor's choice, declared in this process too
+        key = current_platform.ray_device_key
         ctx = ray.get_runtime_context()
         ids = ctx.get_accelerator_ids().get(key)
         if ids:
