@@ -36,7 +36,7 @@ def apply_platform_config(vllm_config) -> None:
     scheduler = vllm_config.scheduler_config
 
     if model_config is not None:
-        model_loader.check_model_dir(model_config.model)
+        model_loader.check_model_dir(model_config.model, model_config.revision)
         _reject(model_config.logprobs_mode != "raw_logprobs",
                 f"logprobs_mode={model_config.logprobs_mode!r} is not supported; MLX workers "
                 "return raw_logprobs (drop --logprobs-mode).")
@@ -65,12 +65,12 @@ def apply_platform_config(vllm_config) -> None:
             "sends them only without async scheduling); drop --async-scheduling.")
     if parallel.world_size > 1 and model_config is not None:
         try:
+            module = model_loader.model_module(model_config.model, model_config.revision)
             if parallel.tensor_parallel_size > 1:
                 tensor_parallel.check_tensor_parallel(
-                    model_config.hf_config, parallel.tensor_parallel_size,
-                    model_loader.model_module(model_config.model))
+                    model_config.hf_config, parallel.tensor_parallel_size, module)
             if pp > 1:
-                pipeline.check_family(model_loader.model_module(model_config.model))
+                pipeline.check_family(module)
                 pipeline.layer_ranges(model_config.get_total_num_hidden_layers(), pp)
             tensor_parallel.mlx_backend()
         except ValueError as exc:

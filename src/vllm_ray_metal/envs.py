@@ -66,9 +66,8 @@ VARIABLES: tuple[Variable, ...] = (
              "`1` switches the platform plugin off: stock vLLM",
              lambda raw: _flag(raw, False)),
     Variable("VLLM_RAY_METAL_RAY_KEY", "str", "`auto`",
-             "the Ray resource each worker asks for; `auto`: `METAL` if a node advertises "
-             "it, else `mlx` (clusters started the vllm-metal way), else Ray's `GPU` (plain "
-             "`ray start` on a Mac)",
+             "the Ray resource each worker asks for; `auto`: the one with the most units "
+             "among `METAL`, `mlx` and Ray's `GPU` (plain `ray start` on a Mac)",
              lambda raw: raw.strip() or "auto"),
     Variable("VLLM_RAY_METAL_AUTO_RAY", "bool", "on",
              "`0`: `\"ray\"` and an initialised Ray no longer select `RayMetalExecutor`",

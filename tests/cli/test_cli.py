@@ -88,6 +88,8 @@ def test_start_status_stop_roundtrip(tmp_path):
         assert status.returncode == 0, status.stderr[-3000:]
         assert "127.0.0.5" in status.stdout and "METAL=2" in status.stdout
         assert "METAL units on alive nodes: 2" in status.stdout
+        assert "The executor uses the Ray resource 'METAL'" in status.stdout  # and why:
+        assert "vllm-ray-metal start" in status.stdout.split("Ray resource 'METAL'")[1]
         assert "VLLM_HOST_IP=10.9.9.9 is not the address of any Ray node" in status.stdout
         # --preload: the node's Ray workers have imported the MLX worker before any task
         probe = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, f"127.0.0.5:{port}"],

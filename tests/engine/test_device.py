@@ -119,7 +119,9 @@ def test_macos_multi_node_ray_is_allowed_where_we_start_ray(mac, monkeypatch, tm
                         units=None, extra=[])
     assert seen["env"][compat_ray.OSX_CLUSTER_ENV] == "1"
 
-    monkeypatch.delenv(compat_ray.OSX_CLUSTER_ENV, raising=False)
+    monkeypatch.setenv(compat_ray.OSX_CLUSTER_ENV, "")  # (so teardown removes what we set)
+    monkeypatch.delenv(compat_ray.OSX_CLUSTER_ENV)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

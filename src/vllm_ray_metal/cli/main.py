@@ -116,13 +116,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     nodes = cluster.list_nodes()
-    choice = keys.KeyChoice(args.key, "--key") if args.key else keys.choose(nodes)
+    auto = keys.choose(nodes)
+    choice = keys.KeyChoice(args.key, "--key") if args.key else auto
     key = choice.key
     print(f"Cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)")
     print(cluster.node_table(nodes, key))
     total = sum(int(n.units(key)) for n in nodes)
     print(f"{key} units on alive nodes: {total}")
-    print(f"The executor uses the Ray resource {key!r}: {choice.reason}.")
+    print(f"The executor uses the Ray resource {auto.key!r}: {auto.reason}.")
     try:
         keys.check(nodes, choice)
     except cluster.PlacementError as exc:

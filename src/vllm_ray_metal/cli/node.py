@@ -62,8 +62,9 @@ def start_node(*, head: bool, address: str | None, node_ip: str | None, port: in
     units = detected if units is None else units
     node_ip = node_ip or default_node_ip(None if head else address)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_bin, "start", "--block", f"--node-ip-address={node_ip}",
-           f"--resources={json.dumps({key: units})}", *extra]
+    slots = [f"--num-gpus={units}"] if key == "GPU" else \
+        [f"--resources={json.dumps({key: units})}"]  # (Ray refuses GPU as a custom resource)
+    cmd = [ray_bin, "start", "--block", f"--node-ip-address={node_ip}", *slots, *extra]
     cmd += ["--head", f"--port={port}"] if head else [f"--address={address}"]
     env = {**os.environ, **cluster.preload_env(preload)}  # warm idle workers (cluster.py)
     compat_ray.set_osx_cluster_env(env)  # multi-node Ray on macOS

@@ -30,6 +30,9 @@ DRIVER_NODE_IP_ENV = "VLLM_RAY_METAL_DRIVER_NODE_IP"  # the caller's Ray node (c
 WORKER_PRELOAD_MODULES = ("vllm_ray_metal.engine.worker", "vllm_ray_metal.distributed.executor")
 
 
+WORKER_KEYS = ("METAL", "mlx", "GPU")  # the Ray resources MLX workers can use (keys.py)
+
+
 class PlacementError(RuntimeError):
     """The cluster cannot host the requested MLX workers."""
 
@@ -86,12 +89,12 @@ def fix_command(key: str, missing: int) -> str:
     units = max(missing, 1)
     if key == "GPU":  # Ray's own Apple GPU detection: one unit per Mac
         return (f"on {units} more Mac(s): `ray start --address={head}` (Ray advertises each "
-                f"Mac's GPU), or `vllm-ray-metal start --address {head}`")
+                "Mac's GPU by itself)")
     return (f"on each Mac that should run workers: `vllm-ray-metal start --address {head}"
             f" --units {units}` (or `ray start --address={head} --resources='{{\"{key}\": "
-            f"{units}}}'`; on a Mac plain `ray start` advertises GPU, which works too); on a "
-            f"single machine, start the head with the key: "
-            f"`vllm-ray-metal start --head --units {units}`")
+            f"{units}}}'`); on a single machine, start the head with the key: "
+            f"`vllm-ray-metal start --head --units {units}`. On Macs, plain `ray start` on "
+            "every node works too: the executor then uses Ray's own GPU resource")
 
 
 def node_table(nodes: list[NodeInfo], key: str) -> str:
@@ -109,9 +112,13 @@ def check_capacity(key: str, world_size: int, nodes: list[NodeInfo] | None = Non
     total = sum(int(n.units(key)) for n in nodes)
     if total >= world_size:
         return
-    what = (f"no alive node advertises the Ray resource {key!r} (nor the others MLX workers "
-            f"can use: METAL, mlx or GPU)" if total == 0
-            else f"the cluster has {total} unit(s) of {key!r} on alive nodes")
+    if total:
+        what = f"the cluster has {total} unit(s) of {key!r} on alive nodes"
+    else:
+        what = f"no alive node advertises the Ray resource {key!r}"
+        if envs.VLLM_RAY_METAL_RAY_KEY.lower() == "auto":  # (auto looked for all of them)
+            others = [k for k in WORKER_KEYS if k != key]
+            what += f" (nor {' or '.join(others)}, the others MLX workers can use)"
     raise PlacementError(
         f"Cannot place {world_size} MLX worker(s): {what}, and each worker needs one.\n"
         f"Nodes:\n{node_table(nodes, key)}\n"

@@ -44,9 +44,12 @@ class RayMetalExecutor(vllm_executor.HookedRayExecutor):
     def place_workers(self) -> Any:
         cluster.connect(keys.explicit() or keys.DEFAULT, self.parallel_config.ray_runtime_env,
                         units=self.world_size)
-        self.key = keys.resolve().key  # (vLLM's bundle lookup reads it next)
-        self._warn_on_host_ip_mismatch()
         pg = self.parallel_config.placement_group
+        given = {k for b in (pg.bundle_specs if pg is not None else []) for k in b
+                 if k in keys.KEYS}  # a group vLLM's DP launcher (or the user) made
+        self.key = given.pop() if len(given) == 1 else keys.resolve().key
+        keys.adopt(self.key)  # (vLLM's bundle lookup reads it next)
+        self._warn_on_host_ip_mismatch()
         self._own_placement_group = None
         if pg is None:
             pg = cluster.create_placement_group(self.key, self.world_size)

@@ -37,8 +37,11 @@ class MetalRayWorkerProc(vllm_executor.RayWorkerProc):
         ctx = ray.get_runtime_context()
         ids = ctx.get_accelerator_ids().get(key)
         if ids:
-            devices = sorted(int(i) for i in ids)
-            units = float(len(devices))
+            units = float(len(ids))
+            try:
+                devices = sorted(int(i) for i in ids)
+            except ValueError:  # e.g. GPU UUIDs: local ranks then number the devices
+                devices = []
         else:
             units = float(ctx.get_assigned_resources().get(key, 0.0))
             devices = []

@@ -9,8 +9,6 @@ output projection separately so it can compute logits only for the positions it 
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +16,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vllm_ray_metal.compat import mlx as compat_mlx
+from vllm_ray_metal.engine import hub
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
-
-
-def local_path(model: str) -> Path:
-    """The directory to load ``model`` from: itself, or a Hugging Face hub id's snapshot.
-
-    A hub id (``org/name``) resolves from the local Hugging Face cache first; if it is not
-    there, the snapshot is downloaded (unless ``HF_HUB_OFFLINE=1``), on each machine that
-    loads it.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir() or not REPO_ID.match(model):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception as cached:  # not (completely) in the cache
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            raise ValueError(
-                f"{model!r} is not in the local Hugging Face cache ({cached}) and "
-                "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, or run "
-                f"`huggingface-cli download {model}` first.") from None
-    return Path(snapshot_download(model))
-
-
-def check_model_dir(model: str) -> dict[str, Any]:
+def check_model_dir(model: str, revision: str | None = None) -> dict[str, Any]:
     """Validate a model (directory or hub id) before vLLM starts workers; return its
     config.json."""
-    path = local_path(model)
+    path = hub.local_path(model, revision)
     if not path.is_dir():
         raise ValueError(
             f"Model directory {model!r} does not exist. vllm-ray-metal loads Hugging "
@@ -83,20 +56,21 @@ def check_model_dir(model: str) -> dict[str, Any]:
     return config
 
 
-def model_module(model: str):
+def model_module(model: str, revision: str | None = None):
     """The mlx-lm module that defines this checkpoint's Model class."""
-    config = check_model_dir(model)
+    config = check_model_dir(model, revision)
     return compat_mlx.family_module(config["model_type"])
 
 
-def load(model: str, dtype: str | None = None, group=None) -> nn.Module:
+def load(model: str, dtype: str | None = None, group=None,
+         revision: str | None = None) -> nn.Module:
     """Load weights with mlx-lm; shard over ``group`` (tensor parallel) and cast to ``dtype``.
 
     With a group the checkpoint is opened lazily and sharded before anything is read, so
     each rank materialises only its own slice of the weights.
     """
-    check_model_dir(model)
-    mlx_model = compat_mlx.load_model(local_path(model), lazy=group is not None)
+    check_model_dir(model, revision)
+    mlx_model = compat_mlx.load_model(hub.local_path(model, revision), lazy=group is not None)
     if group is not None:
         mlx_model.shard(group)
     if dtype is not None:

@@ -106,11 +106,12 @@ class MLXModelRunner:
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
         dtype_name = str(self.model_config.dtype).removeprefix("torch.")
+        model, revision = self.model_config.model, self.model_config.revision
         if self.stage is not None:
-            self.model = pipeline.load_stage(self.model_config.model, dtype_name, self.group,
-                                             self.stage)
+            self.model = pipeline.load_stage(model, dtype_name, self.group, self.stage,
+                                             revision)
         else:
-            self.model = model_loader.load(self.model_config.model, dtype_name, self.group)
+            self.model = model_loader.load(model, dtype_name, self.group, revision)
         tuned = cpu.install(self.model, self.dtype)  # Linux CPU backend only; {} on Metal
         self.weight_bytes = model_loader.parameter_bytes(self.model)
         self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)

@@ -32,7 +32,8 @@ import mlx.nn as nn
 
 from vllm_ray_metal.compat import mlx as compat_mlx
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine.model_loader import DTYPES, local_path
+from vllm_ray_metal.engine import hub
+from vllm_ray_metal.engine.model_loader import DTYPES
 
 # mlx-lm families whose decoder is exactly embed_tokens -> layers(h, mask, cache) -> norm,
 # which StageDecoder re-runs stage by stage (e.g. gemma also scales the embedding, so it
@@ -206,9 +207,10 @@ class StageDecoder(nn.Module):
         return self.norm(h) if st.is_last else h
 
 
-def load_stage(model: str, dtype: str | None, group, stage: Stage) -> nn.Module:
+def load_stage(model: str, dtype: str | None, group, stage: Stage,
+               revision: str | None = None) -> nn.Module:
     """Load only this stage's weights with mlx-lm; shard them over the stage's TP ranks."""
-    mlx_model = compat_mlx.load_model(local_path(model), lazy=True)
+    mlx_model = compat_mlx.load_model(hub.local_path(model, revision), lazy=True)
     inner = getattr(mlx_model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
         raise ValueError(f"mlx-lm's {type(mlx_model).__module__}.Model has no "
