@@ -36,8 +36,7 @@ def tiny_tp1(four_units, tiny, prompts):
 
 
 @pytest.mark.ray
-@pytest.mark.core
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [pytest.param(2, marks=pytest.mark.core), 4])
 def test_tp_equals_tp1_with_ranks_on_different_nodes(four_units, tiny, prompts, tiny_tp1, tp):
     res = generate(four_units, tiny, tp, prompts)
     assert res["outputs"] == tiny_tp1["outputs"]
