@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 
 from vllm_ray_metal import envs
-from vllm_ray_metal.distributed.cluster import WORKER_KEYS, NodeInfo, PlacementError, node_table
+from vllm_ray_metal.distributed.cluster import (WORKER_KEYS, NodeInfo, PlacementError,
+                                                list_nodes, node_table)
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -106,9 +107,7 @@ def adopt(key: str) -> None:
 
 def resolve(nodes: list[NodeInfo] | None = None) -> KeyChoice:
     """Choose the key for the connected cluster, check it, and adopt it in this process."""
-    from vllm_ray_metal.distributed import cluster
-
-    nodes = cluster.list_nodes() if nodes is None else nodes
+    nodes = list_nodes() if nodes is None else nodes
     choice = choose(nodes)
     check(nodes, choice)
     adopt(choice.key)
