@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vllm_ray_metal.compat import vllm as compat_vllm
+from vllm_ray_metal.testing.queues import queue_pair
 
 pytestmark = pytest.mark.unit
 
@@ -141,18 +142,6 @@ def test_registered_variables_pass_vllms_strict_check(monkeypatch):
         Platform.validate_environ(hard_fail=True)
 
 
-def _queue_pair():
-    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
-
-    writer = MessageQueue(n_reader=1, n_local_reader=1)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    ready = threading.Thread(target=writer.wait_until_ready)
-    ready.start()
-    reader.wait_until_ready()
-    ready.join()
-    return writer, reader
-
-
 def _cpu_while_waiting(reader, seconds: float) -> float:
     before = resource.getrusage(resource.RUSAGE_THREAD)
     with pytest.raises(TimeoutError):
@@ -164,7 +153,7 @@ def _cpu_while_waiting(reader, seconds: float) -> float:
 def test_a_reader_that_does_not_spin_still_wakes_on_the_next_write():
     """The writer notifies on every write, so spin 0 costs no latency (the watched queue's
     short poll step covers a lost notification: test_executor.py)."""
-    writer, reader = _queue_pair()
+    writer, reader = queue_pair()
     writer.enqueue("first")
     assert reader.dequeue(timeout=5) == "first"
     compat_vllm.set_reader_spin(reader, 0.0)
@@ -179,7 +168,7 @@ def test_a_reader_that_does_not_spin_still_wakes_on_the_next_write():
 
 
 def test_reader_spin_decides_whether_a_waiting_reader_burns_a_core():
-    writer, reader = _queue_pair()
+    writer, reader = queue_pair()
     writer.enqueue("first")
     assert reader.dequeue(timeout=5) == "first"  # a read starts the reader's spin window
     compat_vllm.set_reader_spin(reader, 0.0)
@@ -275,7 +264,7 @@ def test_ray_executor_pieces_the_hooked_executor_runs():
 
 
 def test_message_queue_round_trip_across_threads():
-    writer, reader = _queue_pair()
+    writer, reader = queue_pair()
     start = time.perf_counter()
     writer.enqueue({"x": 1})
     assert reader.dequeue(timeout=5) == {"x": 1} and time.perf_counter() - start < 5

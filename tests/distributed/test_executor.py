@@ -104,17 +104,12 @@ def test_response_reads_do_not_sleep_through_a_lost_notification():
     import time
 
     import zmq
-    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
 
     from vllm_ray_metal.compat import vllm as compat_vllm
     from vllm_ray_metal.distributed.worker_actor import WatchedQueue
+    from vllm_ray_metal.testing.queues import queue_pair
 
-    writer = MessageQueue(n_reader=1, n_local_reader=1)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    ready = threading.Thread(target=writer.wait_until_ready)
-    ready.start()
-    reader.wait_until_ready()
-    ready.join()
+    writer, reader = queue_pair()
     compat_vllm.set_reader_spin(reader, 0.0)  # as the executor sets it: sleep, don't spin
     reader._spin_condition.local_notify_socket.setsockopt_string(zmq.UNSUBSCRIBE, "")
 
