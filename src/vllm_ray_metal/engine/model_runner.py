@@ -21,7 +21,7 @@ import torch
 
 from vllm_ray_metal import cpu
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import model_loader, pipeline, sampler
+from vllm_ray_metal.engine import grammar, model_loader, pipeline, sampler
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -61,6 +61,16 @@ class _Row:
     index: int  # position in the step's output
 
 
+@dataclass
+class _Step:
+    """A step between its forwards and its sampling (vLLM's two-phase step)."""
+    req_ids: list[str]
+    num_rows: int
+    to_sample: list[_Row]
+    logits: mx.array | None
+    prompt_logprobs: dict
+
+
 MAX_PREFILL_PADDING = 8
 # Prompt chunks whose lengths differ by at most this many tokens share one forward: a
 # forward reads every weight once, and a few tokens of padding per row cost less than
@@ -94,6 +104,7 @@ class MLXModelRunner:
         self.model = None
         self.kv_pool: PagedKVPool | None = None
         self.requests: dict[str, RequestState] = {}
+        self._pending: _Step | None = None
         seed = self.model_config.seed
         self.default_rng = np.random.default_rng(seed if seed is not None else 0)
         self.vocab_size = self.model_config.get_vocab_size()
@@ -270,7 +281,9 @@ class MLXModelRunner:
             state.prompt_logprobs = None
             state.num_prompt_logprobs = None
 
-    def execute_model(self, so):
+    def execute_model(self, so, defer: bool = False):
+        """Run the step's forwards; sample now, or (``defer``) when ``sample_tokens`` brings
+        the grammar bitmask (vLLM's two-phase step: structured outputs, pipeline stages)."""
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
@@ -297,19 +310,36 @@ class MLXModelRunner:
                     to_sample.append(r)
                     last_hidden.append(hidden[b, r.count - 1])
             mx.eval(last_hidden, self.kv_pool.arrays())
-
-        sampled: list[list[int]] = [[] for _ in rows]
-        logprobs = None
+        logits = None
         if to_sample:
             logits = model_loader.compute_logits(self.model, mx.stack(last_hidden),
                                                  self.vocab_group)
-            tokens, lp = sampler.sample(logits, [r.state for r in to_sample], self.default_rng)
-            for r, tok in zip(to_sample, tokens):
+        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs)
+        return None if defer else self.sample_tokens(None)
+
+    def sample_tokens(self, grammar_output):
+        """Sample the rows the last ``execute_model`` left, under the grammar bitmask."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return None
+        sampled: list[list[int]] = [[] for _ in range(step.num_rows)]
+        logprobs = None
+        if step.to_sample:
+            logits = step.logits
+            mask = grammar.step_bitmask(grammar_output,
+                                        [r.state.req_id for r in step.to_sample])
+            if mask is not None:
+                logits = grammar.apply(logits, mask)
+            tokens, lp = sampler.sample(logits, [r.state for r in step.to_sample],
+                                        self.default_rng)
+            for r, tok in zip(step.to_sample, tokens):
                 r.state.output_token_ids.append(tok)
                 sampled[r.index] = [tok]
             if lp is not None:
-                logprobs = self._scatter_logprobs(lp, [r.index for r in to_sample], len(rows))
-        return compat_vllm.model_runner_output(req_ids, sampled, logprobs, prompt_logprobs)
+                logprobs = self._scatter_logprobs(lp, [r.index for r in step.to_sample],
+                                                  step.num_rows)
+        return compat_vllm.model_runner_output(step.req_ids, sampled, logprobs,
+                                               step.prompt_logprobs)
 
     @staticmethod
     def _scatter_logprobs(lp, indices: list[int], num_rows: int):

@@ -108,20 +108,16 @@ class MLXWorker(WorkerBase):
         return compat_vllm.compilation_times()
 
     def execute_model(self, scheduler_output):
-        output = self.model_runner.execute_model(scheduler_output)
-        if self.parallel_config.pipeline_parallel_size > 1 and \
-                scheduler_output.total_num_scheduled_tokens > 0:
-            # With PP vLLM's engine runs a batch queue (max_concurrent_batches = PP size)
-            # and collects every step's output with sample_tokens.
-            self._pending_output = output
-            return None
-        return output
+        # vLLM's two-phase step: return None and sample in sample_tokens, which brings the
+        # grammar bitmask, when the step has structured-output requests; with pipeline
+        # stages always (the engine's batch queue collects every output there).
+        defer = scheduler_output.total_num_scheduled_tokens > 0 and (
+            scheduler_output.has_structured_output_requests
+            or self.parallel_config.pipeline_parallel_size > 1)
+        return self.model_runner.execute_model(scheduler_output, defer=defer)
 
     def sample_tokens(self, grammar_output):
-        if grammar_output is not None:
-            raise NotImplementedError("structured outputs are not supported by vllm-ray-metal")
-        output, self._pending_output = getattr(self, "_pending_output", None), None
-        return output
+        return self.model_runner.sample_tokens(grammar_output)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)

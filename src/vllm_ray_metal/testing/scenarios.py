@@ -172,6 +172,13 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
 
             params = SamplingParams(temperature=0.0, max_tokens=opts.get("max_tokens", 32),
                                     ignore_eos=True)
+            if "json_schemas" in opts:  # one schema (or None) per prompt
+                from vllm.sampling_params import StructuredOutputsParams
+
+                params = [SamplingParams(
+                    temperature=0.0, max_tokens=opts.get("max_tokens", 32),
+                    structured_outputs=StructuredOutputsParams(json=s) if s else None)
+                    for s in opts["json_schemas"]]
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in opts["prompts"]],
                                 params, use_tqdm=False)
             result["outputs"] = [list(o.outputs[0].token_ids) for o in outs]

@@ -1,0 +1,52 @@
+"""vLLM's structured-output bitmask applied to the step's logits, in MLX.
+
+The scheduler compiles each constrained request's grammar (xgrammar, guidance or
+outlines: the mask is backend-neutral) and sends one row of int32 words per request,
+bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed. Unpacking happens on
+the device in one op for the whole step, so a constrained row costs no host sync.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+_BITS = mx.arange(32, dtype=mx.int32)
+
+
+def step_bitmask(grammar_output, row_req_ids: list[str]) -> np.ndarray | None:
+    """The bitmask reordered to the step's sampled rows (-1, all allowed, elsewhere).
+
+    ``grammar_output.grammar_bitmask`` holds rows in the order of
+    ``structured_output_request_ids``; a request not sampled this step is skipped.
+    """
+    if grammar_output is None or not row_req_ids:
+        return None
+    words = np.asarray(grammar_output.grammar_bitmask, dtype=np.int32)
+    position = {req_id: i for i, req_id in enumerate(row_req_ids)}
+    mask = np.full((len(row_req_ids), words.shape[1]), -1, dtype=np.int32)
+    hit = False
+    for i, req_id in enumerate(grammar_output.structured_output_request_ids):
+        row = position.get(req_id)
+        if row is not None:
+            mask[row] = words[i]
+            hit = True
+    return mask if hit else None
+
+
+def apply(logits: mx.array, mask: np.ndarray) -> mx.array:
+    """``logits`` [R, V] with every token the mask forbids set to -inf.
+
+    Tokens past the mask's last word (a vocabulary padded beyond the tokenizer's) are
+    forbidden: no grammar can produce them.
+    """
+    vocab = logits.shape[-1]
+    allowed = (mx.array(mask)[:, :, None] >> _BITS) & 1  # [R, W, 32]
+    allowed = allowed.reshape(mask.shape[0], -1).astype(mx.bool_)
+    bits = allowed.shape[1]
+    if bits >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        pad = mx.zeros((mask.shape[0], vocab - bits), dtype=mx.bool_)
+        allowed = mx.concatenate([allowed, pad], axis=1)
+    return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
