@@ -78,6 +78,9 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
     ({"pipeline_parallel_size": 2, "async_scheduling": True}, "--async-scheduling"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"enable_lora": True}, "--enable-lora"),
+    ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                             "prompt_lookup_max": 3}}, "--speculative-config"),
     ({"tensor_parallel_size": 3, "decode_context_parallel_size": 3},
      "--decode-context-parallel-size"),
 ])

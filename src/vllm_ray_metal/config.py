@@ -43,6 +43,13 @@ def apply_platform_config(vllm_config) -> None:
         _reject(model_config.runner_type != "generate",
                 f"runner={model_config.runner_type!r} is not supported; MLX workers only "
                 "generate text.")
+        _reject(bool(model_config.enable_prompt_embeds),
+                "enable_prompt_embeds is not supported by vllm-ray-metal: MLX workers embed "
+                "token ids themselves; drop --enable-prompt-embeds and send text or token "
+                "ids.")
+        _reject(model_config.is_multimodal_model,
+                f"{model_config.model!r} is a multimodal model; vllm-ray-metal runs mlx-lm's "
+                "text models only (use a text-only checkpoint).")
         model_config.enforce_eager = True
     _reject(vllm_config.speculative_config is not None,
             "Speculative decoding is not supported by vllm-ray-metal; drop "

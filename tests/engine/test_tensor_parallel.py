@@ -86,3 +86,29 @@ def test_more_ranks_than_units_fails_fast(tiny, prompts):
         res = scenarios.run("gen", c, "class", opts, timeout=300).result
     assert res["error"].startswith("PlacementError") and res["error_s"] < 10
     assert "1 unit(s) of 'METAL'" in res["error"] and "127.0.0.17" in res["error"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("parallel", [
+    pytest.param({"tensor_parallel_size": 2}, marks=pytest.mark.core),
+    {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_constrained_outputs_equal_tp1(four_units, tiny, prompts, parallel):
+    """The grammar bitmask reaches every rank that samples (TP: all ranks, on the
+    vocabulary-gathered logits; PP: the last stage), so constrained tokens match TP=1."""
+    from vllm_ray_metal.testing.structured import PERSON, TAGS, WEATHER
+
+    cycle = [WEATHER, None, PERSON, TAGS]
+    opts = {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS,
+            "json_schemas": [cycle[i % 4] for i in range(len(prompts))]}
+    one = scenarios.run("gen", four_units, "class", {**opts, "llm": {}}).ok()
+    many = scenarios.run("gen", four_units, "class", {**opts, "llm": parallel}).ok()
+    assert many["outputs"] == one["outputs"]
+    assert len(many["workers"]) == 2
+    # the constrained rows are JSON objects as far as they got (random weights), the
+    # free rows are not
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    starts = [tok.decode(out).lstrip()[:1] for out in one["outputs"]]
+    assert all((s == "{") == (schema is not None)
+               for s, schema in zip(starts, opts["json_schemas"])), starts

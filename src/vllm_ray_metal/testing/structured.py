@@ -50,11 +50,12 @@ PROMPTS = {
     "tags": "Tag a painting with colours and give it a score, as JSON.",
 }
 
-GET_WEATHER_TOOL = {
+GET_WEATHER_TOOL = {  # strict: the arguments, not only the call, follow the schema
     "type": "function",
     "function": {
         "name": "get_weather",
         "description": "Current weather in a city.",
+        "strict": True,
         "parameters": {"type": "object",
                        "properties": {"city": {"type": "string", "maxLength": 20},
                                       "unit": {"enum": ["celsius", "fahrenheit"]}},
