@@ -40,9 +40,23 @@ def apply_platform_config(vllm_config) -> None:
         _reject(model_config.logprobs_mode != "raw_logprobs",
                 f"logprobs_mode={model_config.logprobs_mode!r} is not supported; MLX workers "
                 "return raw_logprobs (drop --logprobs-mode).")
-        _reject(model_config.runner_type != "generate",
-                f"runner={model_config.runner_type!r} is not supported; MLX workers only "
-                "generate text.")
+        _reject(model_config.runner_type not in ("generate", "pooling"),
+                f"runner={model_config.runner_type!r} is not supported; MLX workers run "
+                "'generate' and 'pooling' (embeddings).")
+        if model_config.runner_type == "pooling":
+            _reject(model_config.convert_type != "embed",
+                    f"convert={model_config.convert_type!r} is not supported: MLX workers "
+                    "pool a decoder's hidden states into embeddings (--convert embed); "
+                    "classification and reward heads are not loaded.")
+            pooler = model_config.pooler_config
+            _reject(pooler.seq_pooling_type not in ("LAST", "MEAN", "CLS")
+                    or pooler.tok_pooling_type != "ALL",
+                    f"pooling_type {pooler.seq_pooling_type}/{pooler.tok_pooling_type} is not "
+                    "supported by vllm-ray-metal; use --pooler-config "
+                    "'{\"pooling_type\": \"LAST\"}' (or MEAN, CLS).")
+            _reject(parallel.pipeline_parallel_size > 1,
+                    "runner='pooling' with pipeline_parallel_size > 1 is not supported by "
+                    "vllm-ray-metal; use tensor parallelism (--tensor-parallel-size).")
         _reject(bool(model_config.enable_prompt_embeds),
                 "enable_prompt_embeds is not supported by vllm-ray-metal: MLX workers embed "
                 "token ids themselves; drop --enable-prompt-embeds and send text or token "

@@ -107,12 +107,14 @@ def logprobs_lists(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray) -> 
 
 # vllm.v1.outputs.ModelRunnerOutput
 def model_runner_output(req_ids: list[str], sampled: list[list[int]], logprobs: Any,
-                        prompt_logprobs: dict[str, Any]) -> Any:
+                        prompt_logprobs: dict[str, Any],
+                        pooled: list[torch.Tensor | None] | None = None) -> Any:
     from vllm.v1.outputs import ModelRunnerOutput
 
     return ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-        sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+        sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs,
+        pooler_output=pooled)
 
 
 # vllm.v1.outputs.EMPTY_MODEL_RUNNER_OUTPUT

@@ -21,7 +21,7 @@ import torch
 
 from vllm_ray_metal import cpu
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import grammar, model_loader, pipeline, sampler
+from vllm_ray_metal.engine import grammar, model_loader, pipeline, pooling, sampler
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -41,6 +41,7 @@ class RequestState:
     output_token_ids: list[int] = field(default_factory=list)
     num_prompt_logprobs: int | None = None
     prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    pooled: pooling.Pooled | None = None  # pooling requests (runner="pooling")
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +70,7 @@ class _Step:
     to_sample: list[_Row]
     logits: mx.array | None
     prompt_logprobs: dict
+    pooled: list | None  # pooling runner: one embedding (or None) per row
 
 
 MAX_PREFILL_PADDING = 8
@@ -171,18 +173,24 @@ class MLXModelRunner:
             self.requests.pop(req_id, None)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
-            if new.prompt_token_ids is None or params is None:
-                raise ValueError("vllm-ray-metal generates from token prompts only "
-                                 "(no prompt embeddings or pooling)")
+            if new.prompt_token_ids is None:
+                raise ValueError("vllm-ray-metal runs token prompts only (no prompt "
+                                 "embeddings)")  # (refused at configuration time)
+            seed = getattr(params, "seed", None)
             state = RequestState(
                 req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
                 sampling_params=params, block_ids=list(new.block_ids[0]),
                 num_computed_tokens=new.num_computed_tokens,
-                generator=np.random.default_rng(params.seed) if params.seed is not None else None)
+                generator=np.random.default_rng(seed) if seed is not None else None)
+            self.requests[new.req_id] = state
+            if params is None:
+                state.pooled = pooling.start(new.pooling_params,
+                                             self.model_config.pooler_config,
+                                             new.num_computed_tokens)
+                continue
             if params.prompt_logprobs is not None:
                 k = params.prompt_logprobs
                 state.num_prompt_logprobs = self.vocab_size if k == -1 else k
-            self.requests[new.req_id] = state
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests[req_id]
@@ -300,9 +308,14 @@ class MLXModelRunner:
         to_sample: list[_Row] = []
         last_hidden: list[mx.array] = []
         prompt_logprobs: dict = {}
+        pooled: list | None = None
         for group in groups:
             hidden = self._forward(group)
             for b, r in enumerate(group):
+                if r.state.pooled is not None:
+                    pooled = pooled if pooled is not None else [None] * len(rows)
+                    pooled[r.index] = self._pool(r, hidden[b])
+                    continue
                 if self.samples and r.state.num_prompt_logprobs is not None:
                     self._prompt_logprobs(r, hidden[b], prompt_logprobs)
                 r.state.num_computed_tokens = r.start + r.count
@@ -314,7 +327,9 @@ class MLXModelRunner:
         if to_sample:
             logits = model_loader.compute_logits(self.model, mx.stack(last_hidden),
                                                  self.vocab_group)
-        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs)
+        if pooled is not None:
+            pooled = pooling.to_torch(pooled)
+        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled)
         return None if defer else self.sample_tokens(None)
 
     def sample_tokens(self, grammar_output):
@@ -339,7 +354,16 @@ class MLXModelRunner:
                 logprobs = self._scatter_logprobs(lp, [r.index for r in step.to_sample],
                                                   step.num_rows)
         return compat_vllm.model_runner_output(step.req_ids, sampled, logprobs,
-                                               step.prompt_logprobs)
+                                               step.prompt_logprobs, step.pooled)
+
+    def _pool(self, row: _Row, hidden: mx.array):
+        """Feed a pooling request's chunk; its embedding once the prompt is complete."""
+        state = row.state
+        state.num_computed_tokens = row.start + row.count
+        state.pooled.add(hidden[:row.count], row.start)
+        if state.num_computed_tokens < len(state.prompt_token_ids):
+            return None
+        return state.pooled.finish(len(state.prompt_token_ids))
 
     @staticmethod
     def _scatter_logprobs(lp, indices: list[int], num_rows: int):

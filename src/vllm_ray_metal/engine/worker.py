@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from vllm.v1.worker.worker_base import WorkerBase  # noqa: E402
 
 from vllm_ray_metal.compat import vllm as compat_vllm  # noqa: E402
-from vllm_ray_metal.engine import device, model_loader, tensor_parallel  # noqa: E402
+from vllm_ray_metal.engine import device, model_loader, pooling, tensor_parallel  # noqa: E402
 from vllm_ray_metal.engine.model_runner import MLXModelRunner  # noqa: E402
 from vllm_ray_metal.engine.spec import WorkerSpec  # noqa: E402
 
@@ -120,6 +120,8 @@ class MLXWorker(WorkerBase):
         return self.model_runner.sample_tokens(grammar_output)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
+        if self.model_config.runner_type == "pooling":
+            return pooling.TASKS
         return ("generate",)
 
     def synchronize_device(self) -> None:
