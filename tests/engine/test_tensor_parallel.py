@@ -112,3 +112,18 @@ def test_constrained_outputs_equal_tp1(four_units, tiny, prompts, parallel):
     starts = [tok.decode(out).lstrip()[:1] for out in one["outputs"]]
     assert all((s == "{") == (schema is not None)
                for s, schema in zip(starts, opts["json_schemas"])), starts
+
+
+@pytest.mark.ray
+def test_tp2_embeddings_equal_tp1(four_units, tiny):
+    """Every rank holds the full hidden state after the decoder's all-reduce, so pooled
+    embeddings at TP=2 equal TP=1's up to the order of fp32 sums (split matmuls)."""
+    texts = ["The capital of France is Paris.", "hello", "Mountains rise above the valley."]
+    opts = {"model": tiny, "embed": texts}
+    one = scenarios.run("gen", four_units, "class", {**opts, "llm": {"runner": "pooling"}}).ok()
+    two = scenarios.run("gen", four_units, "class", {
+        **opts, "llm": {"runner": "pooling", "tensor_parallel_size": 2}}).ok()
+    assert len(two["workers"]) == 2
+    for a, b in zip(np.asarray(two["embeddings"]), np.asarray(one["embeddings"])):
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999
+    np.testing.assert_allclose(two["embeddings"], one["embeddings"], atol=2e-3)

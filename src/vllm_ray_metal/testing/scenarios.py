@@ -167,7 +167,10 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
         if scenario == "kill":
             kill_mid_generation(llm, result, lambda: LLM(**kwargs))
             return
-        if "prompts" in opts:
+        if "embed" in opts:  # runner="pooling": one embedding per text
+            outs = llm.embed(opts["embed"], use_tqdm=False)
+            result["embeddings"] = [list(o.outputs.embedding) for o in outs]
+        elif "prompts" in opts:
             from vllm.inputs import TokensPrompt
 
             params = SamplingParams(temperature=0.0, max_tokens=opts.get("max_tokens", 32),

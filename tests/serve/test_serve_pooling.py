@@ -1,0 +1,73 @@
+"""`vllm serve --runner pooling`: /v1/embeddings and /v1/score through RayMetalExecutor,
+against transformers on the same weights; unsupported pooling requests answer 400."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_ray_metal.testing.serve import post, post_error, served
+
+pytestmark = pytest.mark.serve
+TEXTS = ["The capital of France is Paris.", "Mountains rise above the valley.", "hello",
+         "Cats and dogs share the house; the cat sleeps all day and the dog barks."]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("pooling") / "serve.log"
+    with served(model_dir, log, "127.0.0.60", "127.0.0.61", 32, "--runner", "pooling") as srv:
+        yield srv
+
+
+def embed(server, inputs) -> np.ndarray:
+    res = post(server.base + "/v1/embeddings", {"model": "smollm2", "input": inputs})
+    return np.array([d["embedding"] for d in sorted(res["data"], key=lambda d: d["index"])])
+
+
+@pytest.mark.core
+def test_embeddings_equal_transformers_and_batch_equals_alone(server, hf_reference, model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = embed(server, TEXTS)
+    for text, ours in zip(TEXTS, batch):
+        with torch.no_grad():
+            hidden = hf_reference.model(torch.tensor([tok(text)["input_ids"]])).last_hidden_state
+        ref = torch.nn.functional.normalize(hidden[0, -1], dim=-1).numpy()
+        assert ours @ ref / np.linalg.norm(ours) >= 0.999, text
+        np.testing.assert_allclose(embed(server, text)[0], ours, atol=2e-5)
+
+
+def test_score_is_the_cosine_of_the_embeddings(server):
+    res = post(server.base + "/v1/score", {"model": "smollm2", "text_1": TEXTS[0],
+                                           "text_2": TEXTS[1:3]})
+    scores = [d["score"] for d in sorted(res["data"], key=lambda d: d["index"])]
+    emb = embed(server, TEXTS[:3])
+    expected = [float(emb[0] @ e / np.linalg.norm(emb[0]) / np.linalg.norm(e)) for e in emb[1:]]
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+BAD = [
+    ("embeddings", {"model": "smollm2", "input": "hi", "dimensions": 8}, 400, ["dimensions"]),
+    ("embeddings", {"model": "smollm2", "input": "hi " * 600}, 400, ["512"]),
+    ("pooling", {"model": "smollm2", "input": "hi", "task": "classify"}, 400, ["classify"]),
+]
+
+
+def test_unsupported_pooling_requests_answer_400_fast(server):
+    wrong = []
+    for endpoint, body, status, needles in BAD:
+        t0 = time.perf_counter()
+        code, text = post_error(f"{server.base}/{'v1/' if endpoint != 'pooling' else ''}"
+                                f"{endpoint}", body)
+        took = time.perf_counter() - t0
+        print(f"{endpoint} {str(body)[:70]}: HTTP {code} in {took:.3f}s: {text[:200]}")
+        if code != status or "Internal server error" in text or took >= 1.0 or \
+                not all(n.lower() in text.lower() for n in needles):
+            wrong.append((endpoint, str(body)[:80], code, round(took, 3), text[:300]))
+        assert len(embed(server, "still serving")[0]) == 576
+    assert not wrong, "\n".join(map(str, wrong))
