@@ -71,3 +71,11 @@ def test_tp_profile_smoke():
     # each decode step all-reduces after the attention and the MLP of its 2 layers
     assert data["all_reduce"]["calls"] == 4 * 3 and data["all_reduce"]["latency_mean_ms"] > 0
     assert [r["id"] for r in data["rows"]] == ["P3 why", "P3 why"]
+
+
+def test_structured_smoke():
+    data = run_smoke("bench_structured.py")
+    res = data["results"]["ours"]
+    assert len(res["lengths"]) == 2 and all(n > 0 for n in res["lengths"])
+    assert res["tok_s"]["constrained"] > 0 and res["tok_s"]["unconstrained"] > 0
+    assert data["rows"][0]["id"] == "P7"
