@@ -191,3 +191,30 @@ def test_preemption_keeps_outputs(model_dir):
         shutdown_llm(tight)
     assert preemptions > 0
     assert together == alone
+
+
+def test_unsupported_requests_raise_fast_and_the_engine_keeps_serving(llm):
+    """What the runner cannot honour is refused before scheduling, naming what to change;
+    nothing reaches a worker, so the engine serves the next request."""
+    import time
+
+    from vllm.lora.request import LoRARequest
+
+    cases = [
+        (lambda: llm.generate("hi", greedy(2), lora_request=LoRARequest("a", 1, "/tmp/a"),
+                              use_tqdm=False), "LoRA is not enabled"),
+        (lambda: llm.generate({"prompt_embeds": torch.zeros(3, 576)}, greedy(2),
+                              use_tqdm=False), "enable-prompt-embeds"),
+        (lambda: llm.generate({"prompt": "hi", "multi_modal_data": {"image": None}},
+                              greedy(2), use_tqdm=False), "text-only models"),
+        (lambda: llm.embed(["hi"], use_tqdm=False), "--runner pooling"),
+    ]
+    for call, needle in cases:
+        t0 = time.perf_counter()
+        with pytest.raises(Exception) as err:
+            call()
+        took = time.perf_counter() - t0
+        print(f"{needle}: {type(err.value).__name__} in {took:.3f}s: {str(err.value)[:160]}")
+        assert needle.lower() in str(err.value).lower()
+        assert took < 1.0
+        assert generate_ids(llm, [[1, 2, 3]], greedy(2))[0]
