@@ -88,19 +88,29 @@ def test_more_ranks_than_units_fails_fast(tiny, prompts):
     assert "1 unit(s) of 'METAL'" in res["error"] and "127.0.0.17" in res["error"]
 
 
-@pytest.mark.ray
-@pytest.mark.parametrize("parallel", [
-    pytest.param({"tensor_parallel_size": 2}, marks=pytest.mark.core),
-    {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_constrained_outputs_equal_tp1(four_units, tiny, prompts, parallel):
-    """The grammar bitmask reaches every rank that samples (TP: all ranks, on the
-    vocabulary-gathered logits; PP: the last stage), so constrained tokens match TP=1."""
+@pytest.fixture(scope="module")
+def constrained(tiny, prompts) -> dict:
+    """Token prompts with a JSON schema (or None: unconstrained) each, for the tiny model."""
     from vllm_ray_metal.testing.structured import PERSON, TAGS, WEATHER
 
     cycle = [WEATHER, None, PERSON, TAGS]
-    opts = {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS,
+    return {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS,
             "json_schemas": [cycle[i % 4] for i in range(len(prompts))]}
-    one = scenarios.run("gen", four_units, "class", {**opts, "llm": {}}).ok()
+
+
+@pytest.fixture(scope="module")
+def constrained_tp1(four_units, constrained) -> dict:
+    return scenarios.run("gen", four_units, "class", {**constrained, "llm": {}}).ok()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2},
+                                      {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_constrained_outputs_equal_tp1(four_units, tiny, constrained, constrained_tp1,
+                                       parallel):
+    """The grammar bitmask reaches every rank that samples (TP: all ranks, on the
+    vocabulary-gathered logits; PP: the last stage), so constrained tokens match TP=1."""
+    opts, one = constrained, constrained_tp1
     many = scenarios.run("gen", four_units, "class", {**opts, "llm": parallel}).ok()
     assert many["outputs"] == one["outputs"]
     assert len(many["workers"]) == 2

@@ -28,7 +28,6 @@ def embed(server, inputs) -> np.ndarray:
     return np.array([d["embedding"] for d in sorted(res["data"], key=lambda d: d["index"])])
 
 
-@pytest.mark.core
 def test_embeddings_equal_transformers_and_batch_equals_alone(server, hf_reference, model_dir):
     from transformers import AutoTokenizer
 
