@@ -49,11 +49,19 @@ def apply_platform_config(vllm_config) -> None:
                     "pool a decoder's hidden states into embeddings (--convert embed); "
                     "classification and reward heads are not loaded.")
             pooler = model_config.pooler_config
+            _reject(pooler.task not in (None, "embed"),
+                    f"pooling task {pooler.task!r} is not supported by vllm-ray-metal; MLX "
+                    "workers pool one embedding per prompt (task 'embed').")
             _reject(pooler.seq_pooling_type not in ("LAST", "MEAN", "CLS")
-                    or pooler.tok_pooling_type != "ALL",
-                    f"pooling_type {pooler.seq_pooling_type}/{pooler.tok_pooling_type} is not "
-                    "supported by vllm-ray-metal; use --pooler-config "
-                    "'{\"pooling_type\": \"LAST\"}' (or MEAN, CLS).")
+                    or pooler.tok_pooling_type not in (None, "ALL"),
+                    f"pooling_type {pooler.pooling_type!r} is not supported by "
+                    "vllm-ray-metal; use --pooler-config '{\"pooling_type\": \"LAST\"}' "
+                    "(or MEAN, CLS).")
+            _reject(pooler.seq_pooling_type in ("MEAN", "CLS")
+                    and bool(cache_config.enable_prefix_caching),
+                    f"{pooler.seq_pooling_type} pooling needs the hidden state of every "
+                    "prompt token, which a prefix-cache hit skips; drop "
+                    "--enable-prefix-caching.")
             _reject(parallel.pipeline_parallel_size > 1,
                     "runner='pooling' with pipeline_parallel_size > 1 is not supported by "
                     "vllm-ray-metal; use tensor parallelism (--tensor-parallel-size).")

@@ -35,3 +35,25 @@ def test_bitmask_equals_xgrammar_kernel():
     np.testing.assert_array_equal(ours, reference.numpy())
     assert np.isinf(ours[0]).any() and not np.isinf(ours[1]).any()
     assert grammar.step_bitmask(Output, ["b"]) is None  # no constrained row sampled
+
+
+@pytest.mark.unit
+def test_logits_wider_than_the_mask():
+    """Past the mask's last word: forbidden to constrained rows, untouched in free ones."""
+    import mlx.core as mx
+
+    from vllm_ray_metal.engine import grammar
+
+    words = np.zeros((1, 2), np.int32)
+    words[0, 0] = 1 << 3  # only token 3 allowed
+
+    class Output:
+        structured_output_request_ids = ["c"]
+        grammar_bitmask = words
+
+    mask = grammar.step_bitmask(Output, ["f", "c"])
+    logits = np.arange(2 * 70, dtype=np.float32).reshape(2, 70)  # 70 > 64 bits
+    out = np.asarray(grammar.apply(mx.array(logits), mask))
+    np.testing.assert_array_equal(out[0], logits[0])
+    assert np.isfinite(out[1]).tolist() == [i == 3 for i in range(70)]
+    assert grammar.step_bitmask(None, ["c"]) is None

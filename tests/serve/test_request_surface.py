@@ -82,8 +82,10 @@ def test_tool_call_arguments_validate(server, tool_choice):
 def test_auto_tool_choice_with_parser_answers(server):
     choice = chat(server, "Say hello.", temperature=0, max_tokens=16,
                   tools=[GET_WEATHER_TOOL], tool_choice="auto")
-    assert choice["finish_reason"] in ("stop", "length", "tool_calls")
-    assert choice["message"]["content"] or choice["message"]["tool_calls"]
+    # with a parser and "auto", the model may answer in text: here it greets, and the
+    # parser finds no call in that text
+    assert choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["content"] and not choice["message"].get("tool_calls")
 
 
 def _tensor_b64(tensor: torch.Tensor) -> str:

@@ -37,8 +37,9 @@ def step_bitmask(grammar_output, row_req_ids: list[str]) -> np.ndarray | None:
 def apply(logits: mx.array, mask: np.ndarray) -> mx.array:
     """``logits`` [R, V] with every token the mask forbids set to -inf.
 
-    Tokens past the mask's last word (a vocabulary padded beyond the tokenizer's) are
-    forbidden: no grammar can produce them.
+    Tokens past the mask's last word (logits wider than the vocabulary vLLM sized the
+    mask for) are forbidden to constrained rows, which no grammar lets produce them, and
+    left alone in unconstrained rows (all words -1), which must sample as if alone.
     """
     vocab = logits.shape[-1]
     allowed = (mx.array(mask)[:, :, None] >> _BITS) & 1  # [R, W, 32]
@@ -47,6 +48,7 @@ def apply(logits: mx.array, mask: np.ndarray) -> mx.array:
     if bits >= vocab:
         allowed = allowed[:, :vocab]
     else:
-        pad = mx.zeros((mask.shape[0], vocab - bits), dtype=mx.bool_)
+        free = mx.array((mask == -1).all(axis=1))[:, None]  # [R, 1]
+        pad = mx.broadcast_to(free, (mask.shape[0], vocab - bits))
         allowed = mx.concatenate([allowed, pad], axis=1)
     return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))

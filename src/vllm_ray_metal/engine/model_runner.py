@@ -185,8 +185,7 @@ class MLXModelRunner:
             self.requests[new.req_id] = state
             if params is None:
                 state.pooled = pooling.start(new.pooling_params,
-                                             self.model_config.pooler_config,
-                                             new.num_computed_tokens)
+                                             self.model_config.pooler_config)
                 continue
             if params.prompt_logprobs is not None:
                 k = params.prompt_logprobs
@@ -292,6 +291,9 @@ class MLXModelRunner:
     def execute_model(self, so, defer: bool = False):
         """Run the step's forwards; sample now, or (``defer``) when ``sample_tokens`` brings
         the grammar bitmask (vLLM's two-phase step: structured outputs, pipeline stages)."""
+        if self._pending is not None:
+            raise RuntimeError("execute_model was called again before sample_tokens: vLLM's "
+                               "two-phase step lost a step's output")
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
@@ -322,7 +324,9 @@ class MLXModelRunner:
                 if self.samples and r.start + r.count >= r.state.num_tokens:
                     to_sample.append(r)
                     last_hidden.append(hidden[b, r.count - 1])
-            mx.eval(last_hidden, self.kv_pool.arrays())
+            mx.eval(last_hidden, self.kv_pool.arrays(),
+                    [r.state.pooled.total for r in group
+                     if r.state.pooled is not None and r.state.pooled.total is not None])
         logits = None
         if to_sample:
             logits = model_loader.compute_logits(self.model, mx.stack(last_hidden),
@@ -336,7 +340,7 @@ class MLXModelRunner:
         """Sample the rows the last ``execute_model`` left, under the grammar bitmask."""
         step, self._pending = self._pending, None
         if step is None:
-            return None
+            raise RuntimeError("sample_tokens was called without a step from execute_model")
         sampled: list[list[int]] = [[] for _ in range(step.num_rows)]
         logprobs = None
         if step.to_sample:
