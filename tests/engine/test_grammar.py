@@ -1,4 +1,4 @@
-"""The grammar bitmask in MLX against xgrammar's own kernel (the reference vLLM uses)."""
+"""The grammar bitmask in MLX against vLLM's own bitmask step (xgrammar's kernel)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import torch
 
 
 @pytest.mark.unit
-def test_bitmask_equals_xgrammar_kernel():
-    """Our MLX unpacking forbids exactly the tokens xgrammar's own kernel forbids, in the
-    request order vLLM gives and for rows that are not constrained."""
+def test_bitmask_equals_vllms_bitmask_step():
+    """Our MLX unpacking forbids exactly the tokens vLLM's bitmask step (xgrammar's kernel)
+    forbids, in the request order vLLM gives and for rows that are not constrained."""
     import mlx.core as mx
-    import xgrammar as xgr
 
     from vllm_ray_metal.engine import grammar
 
@@ -30,8 +29,14 @@ def test_bitmask_equals_xgrammar_kernel():
     logits = rng.standard_normal((3, vocab)).astype(np.float32)
     ours = np.asarray(grammar.apply(mx.array(logits), mask))
 
+    # vLLM's own bitmask step (what its GPU and CPU runners call) on a torch copy
+    from types import SimpleNamespace
+
+    from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
     reference = torch.from_numpy(logits.copy())
-    xgr.apply_token_bitmask_inplace(reference, torch.from_numpy(words), indices=[2, 0])
+    apply_grammar_bitmask(SimpleNamespace(scheduled_spec_decode_tokens={}), Output,
+                          SimpleNamespace(req_ids=rows), reference)
     np.testing.assert_array_equal(ours, reference.numpy())
     assert np.isinf(ours[0]).any() and not np.isinf(ours[1]).any()
     assert grammar.step_bitmask(Output, ["b"]) is None  # no constrained row sampled
