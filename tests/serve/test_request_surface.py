@@ -37,7 +37,6 @@ def chat(server, content: str, **body) -> dict:
                  "max_tokens": 160, **body})["choices"][0]
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_response_format_json_schema_validates(server, temperature):
     for i, (name, schema) in enumerate(JSON_SCHEMAS.items()):
@@ -65,7 +64,6 @@ def test_json_object_choice_regex_and_completions(server):
     jsonschema.validate(json.loads(done["choices"][0]["text"]), JSON_SCHEMAS["person"])
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("tool_choice", [
     "required", {"type": "function", "function": {"name": "get_weather"}}],
     ids=["required", "named"])
@@ -118,7 +116,6 @@ BAD = [
 ]
 
 
-@pytest.mark.core
 def test_unsupported_requests_answer_4xx_fast_and_the_server_keeps_serving(server):
     wrong = []
     for endpoint, body, status, needles in BAD:
