@@ -31,6 +31,10 @@ def chat(llm, prompts: list[str], params) -> list:
     return [o.outputs[0] for o in outs]
 
 
+def backend(llm) -> str:
+    return llm.llm_engine.vllm_config.structured_outputs_config.backend
+
+
 def json_params(schema: dict, temperature: float, seed: int = 0) -> SamplingParams:
     return SamplingParams(max_tokens=160, temperature=temperature, seed=seed,
                           structured_outputs=StructuredOutputsParams(json=schema))
@@ -55,7 +59,7 @@ def without_integer_bounds(schema):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_json_schemas_validate(llm, temperature):
-    backend = llm.llm_engine.vllm_config.structured_outputs_config.backend
+    outlines = backend(llm) == "outlines"
     names = list(JSON_SCHEMAS)
     params = [json_params(JSON_SCHEMAS[n], temperature, seed=i) for i, n in enumerate(names)]
     for name, out in zip(names, chat(llm, [PROMPTS[n] for n in names], params)):
@@ -63,7 +67,7 @@ def test_json_schemas_validate(llm, temperature):
         assert out.finish_reason == "stop", (name, out.text)
         schema = JSON_SCHEMAS[name]
         jsonschema.validate(json.loads(out.text),
-                            without_integer_bounds(schema) if backend == "outlines" else schema)
+                            without_integer_bounds(schema) if outlines else schema)
 
 
 def test_choice_and_regex(llm):
@@ -83,7 +87,7 @@ def test_json_object(llm):
     params = SamplingParams(max_tokens=120, temperature=0.0,
                             structured_outputs=StructuredOutputsParams(json_object=True))
     ask = ["Reply with a JSON object that has one key, colour."]
-    if llm.llm_engine.vllm_config.structured_outputs_config.backend == "outlines":
+    if backend(llm) == "outlines":
         with pytest.raises(VLLMValidationError, match="json_object"):  # vLLM refuses it
             chat(llm, ask, params)
         return
@@ -99,12 +103,12 @@ GRAMMARS = {  # the same language in each backend's grammar syntax
 
 
 def test_grammar(llm):
-    backend = llm.llm_engine.vllm_config.structured_outputs_config.backend
+    name = backend(llm)
     params = SamplingParams(max_tokens=40, temperature=0.8, seed=5,
                             structured_outputs=StructuredOutputsParams(
-                                grammar=GRAMMARS.get(backend, YES_NO_GRAMMAR)))
+                                grammar=GRAMMARS.get(name, YES_NO_GRAMMAR)))
     ask = ["Is the sky blue? Answer and say why."]
-    if backend not in GRAMMARS:
+    if name not in GRAMMARS:
         with pytest.raises(VLLMValidationError, match="grammar"):  # vLLM refuses it
             chat(llm, ask, params)
         return
@@ -125,7 +129,7 @@ def test_constrained_requests_leave_unconstrained_ones_alone(llm, model_dir):
                          [free, free, sampled, *constrained], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in mixed[:3]] == \
         [o.outputs[0].token_ids for o in alone]
-    outlines = llm.llm_engine.vllm_config.structured_outputs_config.backend == "outlines"
+    outlines = backend(llm) == "outlines"
     for o, name in zip(mixed[3:], names):
         schema = JSON_SCHEMAS[name]
         jsonschema.validate(json.loads(o.outputs[0].text),

@@ -50,6 +50,24 @@ def post_error(url: str, body: dict, timeout: float = 60) -> tuple[int, str]:
     raise AssertionError(f"{body} was accepted")
 
 
+def refusals_that_fail(base: str, cases: list[tuple[str, dict, int, list[str]]],
+                       still_serving) -> list[tuple]:
+    """POST each ``(path, body, status, words)`` case; the cases that did not answer
+    ``status`` within 1 s with all ``words`` (case-insensitive) and no bare "Internal
+    server error". ``still_serving()`` runs after each case (a normal request must work)."""
+    wrong = []
+    for path, body, status, needles in cases:
+        t0 = time.perf_counter()
+        code, text = post_error(f"{base}/{path}", body)
+        took = time.perf_counter() - t0
+        print(f"{path} {str(body)[:70]}: HTTP {code} in {took:.3f}s: {text[:200]}")
+        if code != status or "Internal server error" in text or took >= 1.0 or \
+                not all(n.lower() in text.lower() for n in needles):
+            wrong.append((path, str(body)[:80], code, round(took, 3), text[:300]))
+        still_serving()
+    return wrong
+
+
 def stream(url: str, body: dict, timeout: float = 120):
     """POST with ``stream: true``; yield each decoded SSE event until ``[DONE]``."""
     req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
