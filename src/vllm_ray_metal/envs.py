@@ -88,6 +88,11 @@ VARIABLES: tuple[Variable, ...] = (
              "seconds the engine busy-waits for worker output before sleeping on a "
              "notification (vLLM: 1 s, which takes a core from the step on a CPU backend)",
              _float(0.0, "VLLM_RAY_METAL_MQ_SPIN_S")),
+    Variable("VLLM_RAY_METAL_KV_MIRROR", "float", "`0.5`",
+             "share of the KV budget kept for the contiguous copy of the running requests' "
+             "KV that attention reads in place (the rest holds vLLM's blocks); `0`: "
+             "attention gathers each context from the blocks every step",
+             lambda raw: min(0.9, max(0.0, _float(0.5, "VLLM_RAY_METAL_KV_MIRROR")(raw)))),
     Variable("VLLM_RAY_METAL_CACHE", "path", "`~/.cache/vllm-ray-metal`",
              "where the default model and the BLAS shim are built",
              _cache),

@@ -137,19 +137,33 @@ class PagedKVPool:
         self.capacity = new_cap
 
     def layer_caches(self, layout: BatchLayout) -> list["PagedLayerCache"]:
+        write, read = self.indices(layout)
+        return [PagedLayerCache(self, i, layout, write, read) for i in range(self.num_layers)]
+
+    def indices(self, layout: BatchLayout) -> tuple[mx.array, mx.array]:
+        """Flat indices into a layer's [kv_heads * num_slots, head_dim] arrays, shared by
+        all layers of a forward: where the new keys go ([B, H, L] flattened, the order of
+        a [B, H, L, D] key array's rows, so no transpose) and every context position
+        ([B, H, C])."""
         self.ensure_capacity(layout.blocks_needed)
-        # Flat indices into a layer's [kv_heads * num_slots, head_dim] array; shared by all
-        # layers of this forward pass.
         slots = self.capacity * self.block_size
         head_base = mx.arange(self.kv_heads, dtype=mx.int32) * slots
         rows = layout.read_slots.shape[0]
         length = layout.write_slots.shape[0] // rows
-        # [B, H, L] flattened: the order of a [B, H, L, D] key array's rows, so the new
-        # keys are written without a transpose
         write = (head_base[None, :, None]
                  + layout.write_slots.reshape(rows, 1, length)).reshape(-1)
-        read = head_base[None, :, None] + layout.read_slots[:, None, :]  # [B, H, C]
-        return [PagedLayerCache(self, i, layout, write, read) for i in range(self.num_layers)]
+        read = head_base[None, :, None] + layout.read_slots[:, None, :]
+        return write, read
+
+    def write(self, layer: int, write_index: mx.array, keys: mx.array,
+              values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store a forward's new keys/values ([B, H, L, D]); return the layer's arrays."""
+        b, h, l, d = keys.shape
+        for store, new in ((self.keys, keys), (self.values, values)):
+            flat = store[layer]
+            new = new if new.dtype == flat.dtype else new.astype(flat.dtype)
+            flat[write_index] = new.reshape(b * h * l, d)
+        return self.keys[layer], self.values[layer]
 
     def arrays(self) -> list[mx.array]:
         return self.keys + self.values
@@ -169,22 +183,18 @@ class PagedLayerCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Store this step's keys/values ([B, H, L, D]) and return each row's full context."""
-        b, h, l, d = keys.shape
-        out = []
-        for store, new in ((self.pool.keys, keys), (self.pool.values, values)):
-            flat = store[self.layer]  # [H * slots, D]
-            if new.dtype != flat.dtype:
-                new = new.astype(flat.dtype)
-            flat[self.write_index] = new.reshape(b * h * l, d)
-            ctx = flat[self.read_index]  # [B, H, C, D], contiguous
-            out.append(ctx if ctx.dtype == keys.dtype else ctx.astype(keys.dtype))
-        return out[0], out[1]
+        stored = self.pool.write(self.layer, self.write_index, keys, values)
+        out = [flat[self.read_index] for flat in stored]  # [B, H, C, D], contiguous
+        return tuple(c if c.dtype == keys.dtype else c.astype(keys.dtype) for c in out)
 
     def make_mask(self, n: int, return_array: bool = False,
                   window_size: int | None = None) -> mx.array | None:
         if window_size:  # model_loader rejects sliding-window models before we get here
             raise NotImplementedError("sliding-window attention is not supported")
         mask = self.layout.mask
+        rows = self.layout.read_slots.shape[0]
+        if rows == 1 and n > 1 and not return_array:
+            return "causal"  # one row's chunk: MLX aligns it to the keys' end, as here
         if mask is None and return_array:  # the caller combines masks: spell "all visible"
             rows, ctx = self.layout.read_slots.shape
             mask = mx.ones((rows, 1, n, ctx), dtype=mx.bool_)

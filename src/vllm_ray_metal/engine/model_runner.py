@@ -19,10 +19,11 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from vllm_ray_metal import cpu
+from vllm_ray_metal import cpu, envs
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import grammar, model_loader, pipeline, pooling, sampler
+from vllm_ray_metal.engine import grammar, model_loader, pipeline, pooling, sampler, step_plan
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.engine.kv_mirror import KVMirror
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
@@ -73,28 +74,6 @@ class _Step:
     pooled: list | None  # pooling runner: one embedding (or None) per row
 
 
-MAX_PREFILL_PADDING = 8
-# Prompt chunks whose lengths differ by at most this many tokens share one forward: a
-# forward reads every weight once, and a few tokens of padding per row cost less than
-# another pass over the weights (e.g. sixteen 10-token chunks, a prefix-cache hit's
-# remainder, in one forward instead of sixteen).
-
-
-def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
-    """Rows of several tokens in groups of near-equal length, in the scheduler's order.
-
-    Groups are formed longest first, then ordered by their earliest row: vLLM admits a
-    request that hits a block another admits in the same step after its writer.
-    """
-    groups: list[list[_Row]] = []
-    for r in sorted(rows, key=lambda r: -r.count):
-        if groups and groups[-1][0].count - r.count <= MAX_PREFILL_PADDING:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return sorted(groups, key=lambda g: min(r.index for r in g))
-
-
 class MLXModelRunner:
     def __init__(self, vllm_config, group=None) -> None:
         self.vllm_config = vllm_config
@@ -105,6 +84,8 @@ class MLXModelRunner:
         self.dtype = TORCH_TO_MLX[self.model_config.dtype]
         self.model = None
         self.kv_pool: PagedKVPool | None = None
+        self.mirror: KVMirror | None = None
+        self.mirror_budget = 0  # bytes of the KV budget kept for the mirror (split_kv_budget)
         self.requests: dict[str, RequestState] = {}
         self._pending: _Step | None = None
         seed = self.model_config.seed
@@ -151,13 +132,27 @@ class MLXModelRunner:
         first = self.stage.start if self.stage is not None else 0  # global layer numbers
         return {f"model.layers.{first + i}.self_attn": spec for i in range(layers)}
 
+    def split_kv_budget(self, budget: int, bytes_per_block: int) -> int:
+        """The paged pool's share of the KV budget (what vLLM is told); the mirror keeps
+        the rest (``VLLM_RAY_METAL_KV_MIRROR``), never so much that one max-length
+        request would no longer fit the pool."""
+        share = envs.VLLM_RAY_METAL_KV_MIRROR
+        max_len = self.model_config.max_model_len
+        one_request = (-(-max_len // self.block_size) + 1) * bytes_per_block
+        pool = min(budget, max(int(budget * (1 - share)), one_request))
+        self.mirror_budget = budget - pool if share > 0 else 0
+        return pool
+
     def initialize_kv_cache(self, kv_cache_config) -> None:
         layers, kv_heads, head_size = self.kv_layout()
         self.kv_pool = PagedKVPool(layers, kv_cache_config.num_blocks, self.block_size,
                                    kv_heads, head_size, self.dtype)
-        logger.info("Paged KV cache: %d blocks of %d tokens (%.1f MiB at full size)",
+        self.mirror = KVMirror(self.kv_pool, self.mirror_budget) if self.mirror_budget else None
+        logger.info("Paged KV cache: %d blocks of %d tokens (%.1f MiB at full size); "
+                    "mirror for attention: %.1f MiB at most",
                     kv_cache_config.num_blocks, self.block_size,
-                    kv_cache_config.num_blocks * self.kv_pool.bytes_per_block / 2**20)
+                    kv_cache_config.num_blocks * self.kv_pool.bytes_per_block / 2**20,
+                    self.mirror_budget / 2**20)
 
     def warm_up(self) -> None:
         """One real forward on the null block: loads kernels and BLAS before serving."""
@@ -171,6 +166,8 @@ class MLXModelRunner:
     def _update_states(self, so) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            if self.mirror is not None:
+                self.mirror.forget(req_id)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             if new.prompt_token_ids is None:
@@ -203,60 +200,70 @@ class MLXModelRunner:
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0])
+                if self.mirror is not None:  # new blocks: refill its slot from them
+                    self.mirror.forget(req_id)
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])
 
     def _forward_groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Order a step's rows into forward passes so that every block is written first.
+        return step_plan.forward_groups(rows, self.block_size)
 
-        One-token rows share a forward; longer rows share one when their lengths differ
-        by at most :data:`MAX_PREFILL_PADDING` tokens (see :func:`_prefill_groups`). vLLM
-        registers a prefix-cache block when it schedules the tokens that fill it, so a
-        request admitted later in the same step can hit a block only written in this step
-        (the writer is an earlier row). A one-token row that reads a block a longer row
-        writes (a copy of an ``n * block_size + 1``-token prompt admitted with it)
-        therefore runs in a second one-token forward after the longer rows. Any other
-        order conflict puts all rows in one forward, where every layer writes all rows'
-        keys before any row reads.
+    def _place(self, groups: list[list[_Row]]) -> list[list[int]] | None:
+        """Mirror slots of every row of the step's forwards (None: the pool alone)."""
+        if self.mirror is None:
+            return None
+        return self.mirror.place([[(r.state.req_id, r.start + r.count) for r in g]
+                                  for g in groups])
+
+    def _run_group(self, group: list[_Row], slots: list[int] | None) -> list[mx.array]:
+        """One group's forwards (pieces of a long chunk in turn); each row's hidden
+        states [>= count, H]."""
+        lo = None
+        batch: list[_Row | None] = list(group)
+        if slots is not None:  # the forward covers the slot range, dummies in the gaps
+            lo = min(slots)
+            batch = [None] * (max(slots) - lo + 1)
+            for r, s in zip(group, slots):
+                batch[s - lo] = r
+        real = [b for b, r in enumerate(batch) if r is not None]
+        parts: list[list[mx.array]] = [[] for _ in group]
+        pieces = step_plan.pieces([batch[b] for b in real], self.block_size)
+        for piece in pieces:
+            rows = list(batch)
+            for b, r in zip(real, piece):
+                rows[b] = r
+            hidden = self._forward(rows, lo)
+            for i, b in enumerate(real):
+                if piece[i].count:
+                    parts[i].append(hidden[b, :piece[i].count] if len(pieces) > 1
+                                    else hidden[b])
+            if len(pieces) > 1:
+                mx.eval([p[-1] for p in parts if p], self.kv_pool.arrays(),
+                        self.mirror.arrays() if lo is not None else [])
+        return [p[0] if len(p) == 1 else mx.concatenate(p) for p in parts]
+
+    def _forward(self, rows: list[_Row | None], lo: int | None) -> mx.array:
+        """Run rows of new tokens through the model; return hidden states [B, L, H].
+
+        ``lo``: the first mirror slot (rows are slots ``lo ...``, None a dummy slot);
+        None: the rows read their contexts from the paged pool.
         """
-        decodes = [r for r in rows if r.count == 1]
-        prefills = _prefill_groups([r for r in rows if r.count > 1])
-        if not prefills:
-            return [decodes] if decodes else []
-        written = {b for group in prefills for r in group for b in self._blocks(r)[1]}
-        early, late = [], []
-        for r in decodes:
-            (early if written.isdisjoint(self._blocks(r)[0]) else late).append(r)
-        groups = [g for g in (early, *prefills, late) if g]
-        return groups if self._writes_precede_reads(groups) else [rows]
-
-    def _writes_precede_reads(self, groups: list[list[_Row]]) -> bool:
-        """True if no forward reads (or also writes) a block that a later forward writes."""
-        later: set[int] = set()  # blocks written by the groups after the current one
-        for group in reversed(groups):
-            spans = [self._blocks(r) for r in group]
-            if any(not later.isdisjoint(reads) for reads, _ in spans):
-                return False
-            for _, writes in spans:
-                later.update(writes)
-        return True
-
-    def _blocks(self, row: _Row) -> tuple[list[int], list[int]]:
-        """(blocks the row reads, including its own new tokens; blocks it writes)."""
-        bs = self.block_size
-        first, end = row.start // bs, (row.start + row.count - 1) // bs + 1
-        return row.state.block_ids[:end], row.state.block_ids[first:end]
-
-    def _forward(self, rows: list[_Row]) -> mx.array:
-        """Run rows of new tokens through the model; return hidden states [B, L, H]."""
-        starts = [r.start for r in rows]
-        counts = [r.count for r in rows]
+        starts = [r.start if r else 0 for r in rows]
+        counts = [r.count if r else 0 for r in rows]
         width = max(counts)
         tokens = np.zeros((len(rows), width), dtype=np.int32)
         for b, r in enumerate(rows):
-            tokens[b, :r.count] = r.state.tokens(r.start, r.count)
-        layout = build_layout(starts, counts, [r.state.block_ids for r in rows], self.block_size)
-        return self.model.model(mx.array(tokens), cache=self.kv_pool.layer_caches(layout))
+            if r is not None and r.count:
+                tokens[b, :r.count] = r.state.tokens(r.start, r.count)
+        layout = build_layout(starts, counts, [r.state.block_ids if r else [] for r in rows],
+                              self.block_size)
+        if lo is None:
+            caches = self.kv_pool.layer_caches(layout)
+        else:
+            caches = self.mirror.layer_caches(layout, lo, [
+                (r.state.req_id, r.start, r.count, r.state.block_ids) if r else None
+                for r in rows])
+        return self.model.model(mx.array(tokens), cache=caches)
 
     def _prompt_logprobs(self, row: _Row, hidden: mx.array, out: dict) -> None:
         """vLLM's chunked prompt-logprob protocol: fill the chunk's rows, emit when complete."""
@@ -306,13 +313,14 @@ class MLXModelRunner:
             rows.append(_Row(state, state.num_computed_tokens,
                              so.num_scheduled_tokens[req_id], index))
         groups = self._forward_groups(rows)
+        placed = self._place(groups)
 
         to_sample: list[_Row] = []
         last_hidden: list[mx.array] = []
         prompt_logprobs: dict = {}
         pooled: list | None = None
-        for group in groups:
-            hidden = self._forward(group)
+        for g, group in enumerate(groups):
+            hidden = self._run_group(group, placed[g] if placed is not None else None)
             for b, r in enumerate(group):
                 if r.state.pooled is not None:
                     pooled = pooled if pooled is not None else [None] * len(rows)
@@ -323,8 +331,9 @@ class MLXModelRunner:
                 r.state.num_computed_tokens = r.start + r.count
                 if self.samples and r.start + r.count >= r.state.num_tokens:
                     to_sample.append(r)
-                    last_hidden.append(hidden[b, r.count - 1])
+                    last_hidden.append(hidden[b][r.count - 1])
             mx.eval(last_hidden, self.kv_pool.arrays(),
+                    self.mirror.arrays() if self.mirror is not None else [],
                     [r.state.pooled.total for r in group
                      if r.state.pooled is not None and r.state.pooled.total is not None])
         logits = None

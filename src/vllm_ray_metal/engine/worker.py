@@ -77,14 +77,16 @@ class MLXWorker(WorkerBase):
         return ["NHD"]
 
     def determine_available_memory(self) -> int:
-        """KV-cache bytes: ``kv_cache_memory_bytes`` if set, else a fraction of memory.
+        """KV-cache bytes: ``kv_cache_memory_bytes`` if set, else a fraction of memory,
+        less the mirror's share (``MLXModelRunner.split_kv_budget``).
 
         The fraction is vLLM's ``gpu_memory_utilization``, applied to the memory MLX may
         use when the worker started, minus the weights just loaded.
         """
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
-            return int(explicit)
+            return self.model_runner.split_kv_budget(int(explicit),
+                                                     self.get_cache_block_size_bytes())
         fraction = self.cache_config.gpu_memory_utilization
         budget = int(fraction * self.memory_at_start) - self.model_runner.weight_bytes
         if budget <= 0:
@@ -93,7 +95,7 @@ class MLXWorker(WorkerBase):
                 f"{self.memory_at_start / 2**30:.1f} GiB is less than the model's "
                 f"{self.model_runner.weight_bytes / 2**30:.1f} GiB of weights. Raise "
                 "--gpu-memory-utilization or set --kv-cache-memory-bytes.")
-        return budget
+        return self.model_runner.split_kv_budget(budget, self.get_cache_block_size_bytes())
 
     def get_cache_block_size_bytes(self) -> int:
         layers, kv_heads, head_size = self.model_runner.kv_layout()
