@@ -79,3 +79,13 @@ def test_structured_smoke():
     assert len(res["lengths"]) == 2 and all(n > 0 for n in res["lengths"])
     assert res["tok_s"]["constrained"] > 0 and res["tok_s"]["unconstrained"] > 0
     assert data["rows"][0]["id"] == "P7"
+
+
+def test_longctx_smoke():
+    data = run_smoke("bench_longctx.py")
+    for system in ("ours", "mlx-lm"):
+        res = data["results"][system]
+        for measure in ("prefill", "decode"):
+            assert set(res[measure]) == {"600x1", "600x2"}
+            assert all(v > 0 for v in res[measure].values())
+    assert {r["id"] for r in data["rows"]} >= {"L-dec 600x1", "L-pre 600x2"}

@@ -137,3 +137,20 @@ def test_tp2_embeddings_equal_tp1(four_units, tiny):
     for a, b in zip(np.asarray(two["embeddings"]), np.asarray(one["embeddings"])):
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999
     np.testing.assert_allclose(two["embeddings"], one["embeddings"], atol=2e-3)
+
+
+@pytest.mark.ray
+def test_tp2_equals_tp1_at_2k_tokens(four_units, tiny, model_dir):
+    """Long prompts (chunked, in pieces, on the KV mirror) give TP=1's tokens at TP=2."""
+    from transformers import AutoTokenizer
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+    opts = {"model": tiny, "prompts": [ids[:1950], ids[500:2000]], "max_tokens": NEW_TOKENS,
+            "llm": {"max_model_len": 2048, "max_num_batched_tokens": 1024}}
+    one = scenarios.run("gen", four_units, "class", opts).ok()
+    two = scenarios.run("gen", four_units, "class", {
+        **opts, "llm": {**opts["llm"], "tensor_parallel_size": 2}}).ok()
+    assert len(two["workers"]) == 2
+    assert two["outputs"] == one["outputs"]
+    assert all(len(o) == NEW_TOKENS for o in one["outputs"])

