@@ -225,15 +225,16 @@ class MLXModelRunner:
             batch = [None] * (max(slots) - lo + 1)
             for r, s in zip(group, slots):
                 batch[s - lo] = r
-        real = [b for b, r in enumerate(batch) if r is not None]
+        # where each row of the group sits in the forward's batch
+        where = [s - lo for s in slots] if slots is not None else list(range(len(group)))
         parts: list[list[mx.array]] = [[] for _ in group]
-        pieces = step_plan.pieces([batch[b] for b in real], self.block_size)
+        pieces = step_plan.pieces(group, self.block_size)
         for piece in pieces:
             rows = list(batch)
-            for b, r in zip(real, piece):
+            for b, r in zip(where, piece):
                 rows[b] = r
             hidden = self._forward(rows, lo)
-            for i, b in enumerate(real):
+            for i, b in enumerate(where):
                 if piece[i].count:
                     parts[i].append(hidden[b, :piece[i].count] if len(pieces) > 1
                                     else hidden[b])
