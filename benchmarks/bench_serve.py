@@ -47,7 +47,7 @@ def bench_client(base: str, model_dir: str, input_len: int, output_len: int, con
 
 
 def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
-               max_len: int) -> dict:
+               max_len: int, waves: int) -> dict:
     from vllm_ray_metal import default_model
     from vllm_ray_metal.testing.cluster import LocalRayCluster
     from vllm_ray_metal.testing.serve import ServeProcess, vllm_serve_command, wait_healthy
@@ -62,7 +62,7 @@ def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
         def measure(base: str) -> None:
             bench_client(base, model_dir, 32, 8, 2, 2, tmp)  # warm-up
             for input_len, c in shapes:
-                prompts = max(2 * c, 4)
+                prompts = max(c, 2) * waves
                 results[f"{input_len}x{c}"] = bench_client(base, model_dir, input_len,
                                                            output_len, c, prompts, tmp)
 
@@ -100,14 +100,17 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--systems", default="ours,vllm-cpu")
+    ap.add_argument("--waves", type=int, default=1,
+                    help="prompts per run: this many times max(concurrency, 2)")
     args = ap.parse_args()
     if args.smoke:
         args.inputs, args.levels, args.output_len, args.systems = "64", "2", 8, "ours"
+        args.waves = 2
     inputs = [int(x) for x in args.inputs.split(",")]
     levels = [int(x) for x in args.levels.split(",")]
     shapes = [(i, c) for i in inputs for c in levels]
     max_len = max(inputs) + args.output_len + 64
-    results = {s: run_system(s, shapes, args.output_len, max_len)
+    results = {s: run_system(s, shapes, args.output_len, max_len, args.waves)
                for s in args.systems.split(",")}
     rows = []
     ours, cpu = results["ours"], results.get("vllm-cpu")

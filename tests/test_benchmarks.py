@@ -89,3 +89,12 @@ def test_longctx_smoke():
             assert set(res[measure]) == {"600x1", "600x2"}
             assert all(v > 0 for v in res[measure].values())
     assert {r["id"] for r in data["rows"]} >= {"L-dec 600x1", "L-pre 600x2"}
+
+
+@pytest.mark.ray
+def test_serve_smoke():
+    """`vllm bench serve` (vLLM's own client) against our server, tiny sizes."""
+    data = run_smoke("bench_serve.py")
+    (run,) = data["results"]["ours"].values()
+    assert run["completed"] == 4 and run["output_tok_s"] > 0
+    assert run["ttft_p50_ms"] > 0 and run["tpot_p50_ms"] > 0

@@ -61,6 +61,7 @@ def check(out: dict, model, seqs: dict[str, Seq]) -> None:
         np.testing.assert_allclose(got, ref, atol=3e-4, rtol=1e-4, err_msg=req_id)
 
 
+@pytest.mark.core
 def test_mirror_steps_match_contiguous_cache(model):
     rng = np.random.default_rng(5)
     seqs = {n: Seq(n, rng.integers(3, 40000, size=40).tolist(), blocks)

@@ -69,19 +69,25 @@ class KVMirror:
         """Slots for every row of a step's forwards (``(req_id, context end)`` each, in
         forward order), or None when the step does not fit the budget (pool only)."""
         needed = max(end for group in groups for _, end in group) + 1  # + the spare
-        capacity = max(self.capacity, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
         placed = self._keep_and_fill(groups)
-        num_slots = self.num_slots
-        if placed is None:
-            rows = sum(len(g) for g in groups)
-            num_slots = max(num_slots, -(-rows // SLOT_STEP) * SLOT_STEP)
-        if num_slots * capacity * self.bytes_per_position > self.budget_bytes:
+        if placed is not None and self._fits(self.num_slots, max(self.capacity, capacity)):
+            self._grow(self.num_slots, max(self.capacity, capacity))
+            return placed
+        # everyone to new slots, in the step's order, in arrays just big enough
+        rows = sum(len(g) for g in groups)
+        num_slots = -(-rows // SLOT_STEP) * SLOT_STEP
+        if not self._fits(num_slots, capacity):
             self.reset()
             return None
-        if placed is None:
-            placed = self._reassign(groups, num_slots)
-        self._grow(num_slots, capacity)
+        if num_slots < self.num_slots or capacity < self.capacity:
+            self.reset()  # smaller arrays: the contents are refilled from the pool anyway
+        placed = self._reassign(groups, max(num_slots, self.num_slots))
+        self._grow(max(num_slots, self.num_slots), max(capacity, self.capacity))
         return placed
+
+    def _fits(self, num_slots: int, capacity: int) -> bool:
+        return num_slots * capacity * self.bytes_per_position <= self.budget_bytes
 
     def _keep_and_fill(self, groups) -> list[list[int]] | None:
         """Rows keep their slots, new rows take free ones; None if a forward's range
