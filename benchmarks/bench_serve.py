@@ -54,7 +54,7 @@ def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
 
     model_dir = default_model()
     common_args = ["--max-model-len", str(max_len), "--dtype", "float32",
-                   "--max-num-seqs", "16", "--served-model-name", "smollm2"]
+                   "--max-num-seqs", "16"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -70,7 +70,10 @@ def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
             with LocalRayCluster([("127.0.0.70", {"METAL": 1})]) as cluster:
                 args = [*common_args, "--kv-cache-memory-bytes", str(2 << 30)]
                 with ServeProcess(cluster, model_dir, tmp / "serve.log", *args) as srv:
-                    srv.wait_healthy(timeout=600)
+                    try:
+                        srv.wait_healthy(timeout=600)
+                    except RuntimeError as exc:
+                        raise RuntimeError(f"{exc}:\n{(tmp / 'serve.log').read_text()[-12000:]}")
                     measure(srv.base)
         else:
             from vllm_ray_metal.testing.cluster import free_port, stop_process
@@ -79,7 +82,8 @@ def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
             env = {**os.environ, "VLLM_RAY_METAL_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
             with open(tmp / "serve.log", "w") as log:
                 proc = subprocess.Popen([*vllm_serve_command(), model_dir, "--host", "127.0.0.1",
-                                         "--port", str(port), *common_args],
+                                         "--port", str(port), "--served-model-name", "smollm2",
+                                         *common_args],
                                         stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
             try:
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=1,
                     help="prompts per run: this many times max(concurrency, 2)")
     args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster
     if args.smoke:
         args.inputs, args.levels, args.output_len, args.systems = "64", "2", 8, "ours"
         args.waves = 2
