@@ -56,17 +56,44 @@ def test_platform_reports_the_mac(mac):
     assert current_platform.get_device_total_memory() == 22 * GIB
 
 
-def test_kv_cache_gets_a_share_of_the_working_set(mac):
+def _worker(kv_bytes=None, fraction=0.5, max_model_len=4096):
+    """A worker and runner with just what the KV budget reads (SmolLM2's KV shapes)."""
+    from vllm_ray_metal.engine.model_runner import MLXModelRunner
     from vllm_ray_metal.engine.worker import MLXWorker
 
+    runner = MLXModelRunner.__new__(MLXModelRunner)
+    runner.weight_bytes, runner.block_size, runner.dtype = 3 * GIB, 16, mx.float32
+    runner.model_config = SimpleNamespace(max_model_len=max_model_len)
+    runner.kv_layout = lambda: (30, 3, 64)
     worker = MLXWorker.__new__(MLXWorker)
-    worker.cache_config = SimpleNamespace(kv_cache_memory_bytes=None, gpu_memory_utilization=0.5)
+    worker.cache_config = SimpleNamespace(kv_cache_memory_bytes=kv_bytes,
+                                          gpu_memory_utilization=fraction, block_size=16)
     worker.memory_at_start = device.query().working_set
-    worker.model_runner = SimpleNamespace(weight_bytes=3 * GIB)
-    assert worker.determine_available_memory() == 11 * GIB - 3 * GIB
+    worker.model_runner = runner
+    return worker
+
+
+def test_kv_cache_gets_a_share_of_the_working_set(mac, monkeypatch):
+    """The budget is the share of the working set less the weights; vLLM is told the
+    pool's half of it, the mirror keeps the other half."""
+    worker = _worker()
+    assert worker.determine_available_memory() == (11 * GIB - 3 * GIB) // 2
+    assert worker.model_runner.mirror_budget == (11 * GIB - 3 * GIB) // 2
+    monkeypatch.setenv("VLLM_RAY_METAL_KV_MIRROR", "0")  # every byte to vLLM's blocks
+    assert worker.determine_available_memory() == 8 * GIB
+    assert worker.model_runner.mirror_budget == 0
     worker.cache_config.gpu_memory_utilization = 0.1  # 2.2 GiB < the weights
     with pytest.raises(ValueError, match="--gpu-memory-utilization"):
         worker.determine_available_memory()
+
+
+def test_the_mirror_never_takes_what_one_max_length_request_needs(mac):
+    block = 16 * 2 * 30 * 3 * 64 * 4
+    worker = _worker(kv_bytes=300 * block, max_model_len=4096)
+    assert worker.get_cache_block_size_bytes() == block
+    # 4096 tokens need 256 blocks (+ vLLM's null block): the pool keeps 257 of 300
+    assert worker.determine_available_memory() == 257 * block
+    assert worker.model_runner.mirror_budget == 43 * block
 
 
 def test_worker_on_a_mac_installs_no_cpu_tuning(mac, monkeypatch):
