@@ -91,7 +91,6 @@ def test_longctx_smoke():
     assert {r["id"] for r in data["rows"]} >= {"L-dec 600x1", "L-pre 600x2"}
 
 
-@pytest.mark.ray
 def test_serve_smoke():
     """`vllm bench serve` (vLLM's own client) against our server, tiny sizes."""
     data = run_smoke("bench_serve.py")
