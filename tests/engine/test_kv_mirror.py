@@ -107,7 +107,7 @@ def test_capacity_grows_and_keeps_contents(model, monkeypatch):
 
 def test_a_step_over_budget_runs_on_the_pool(model):
     pool = make_pool(model)
-    mirror = KVMirror(pool, budget_bytes=100 * pool.bytes_per_block // BLOCK)
+    mirror = KVMirror(pool, max_positions=100)
     assert mirror.place([[("a", 50)]]) is None  # 4 slots x 256 positions > 100 positions
     assert mirror.nbytes == 0
 
@@ -134,3 +134,7 @@ def test_long_chunks_run_in_pieces_unless_rows_share_blocks():
     writer = _R(_State(list(range(1, 301))), 0, 1200, 0)
     reader = _R(_State(list(range(1, 301))), 600, 596, 1)
     assert len(step_plan.pieces([writer, reader], BLOCK, piece=512)) == 1
+    # rows of near-equal length: the shorter one waits at its end in the last piece
+    a, b = _R(_State(list(range(1, 200))), 0, 516, 0), _R(_State(list(range(200, 400))), 9, 511, 1)
+    last = step_plan.pieces([a, b], BLOCK, piece=512)[-1]
+    assert [(r.start, r.count) for r in last] == [(512, 4), (520, 0)]

@@ -36,9 +36,9 @@ SLOT_STEP = 4  # slots added at a time
 
 
 class KVMirror:
-    def __init__(self, pool: PagedKVPool, budget_bytes: int) -> None:
+    def __init__(self, pool: PagedKVPool, max_positions: int) -> None:
         self.pool = pool
-        self.budget_bytes = budget_bytes
+        self.max_positions = max_positions  # slots x capacity, the same on every rank
         self.bytes_per_position = pool.bytes_per_block // pool.block_size
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []
@@ -77,17 +77,15 @@ class KVMirror:
         # everyone to new slots, in the step's order, in arrays just big enough
         rows = sum(len(g) for g in groups)
         num_slots = -(-rows // SLOT_STEP) * SLOT_STEP
+        self.reset()  # (before allocating: the contents are refilled from the pool anyway)
         if not self._fits(num_slots, capacity):
-            self.reset()
             return None
-        if num_slots < self.num_slots or capacity < self.capacity:
-            self.reset()  # smaller arrays: the contents are refilled from the pool anyway
-        placed = self._reassign(groups, max(num_slots, self.num_slots))
-        self._grow(max(num_slots, self.num_slots), max(capacity, self.capacity))
+        placed = self._reassign(groups, num_slots)
+        self._grow(num_slots, capacity)
         return placed
 
     def _fits(self, num_slots: int, capacity: int) -> bool:
-        return num_slots * capacity * self.bytes_per_position <= self.budget_bytes
+        return num_slots * capacity <= self.max_positions
 
     def _keep_and_fill(self, groups) -> list[list[int]] | None:
         """Rows keep their slots, new rows take free ones; None if a forward's range
@@ -142,11 +140,14 @@ class KVMirror:
             return mx.pad(a, pad).reshape(-1, dim)
 
         layers = self.pool.num_layers
-        self.keys = [grown(k) for k in self.keys or [None] * layers]
-        self.values = [grown(v) for v in self.values or [None] * layers]
+        self.keys = self.keys or [None] * layers
+        self.values = self.values or [None] * layers
+        for store in (self.keys, self.values):
+            for i in range(layers):  # one layer at a time: old + new never all at once
+                store[i] = grown(store[i])
+                mx.eval(store[i])
         self.slots += [None] * (num_slots - len(self.slots))
         self.num_slots, self.capacity = num_slots, capacity
-        mx.eval(self.keys, self.values)
 
     # ---- one forward --------------------------------------------------------------------
     def layer_caches(self, layout: BatchLayout, lo: int,

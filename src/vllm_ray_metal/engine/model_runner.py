@@ -147,12 +147,22 @@ class MLXModelRunner:
         layers, kv_heads, head_size = self.kv_layout()
         self.kv_pool = PagedKVPool(layers, kv_cache_config.num_blocks, self.block_size,
                                    kv_heads, head_size, self.dtype)
-        self.mirror = KVMirror(self.kv_pool, self.mirror_budget) if self.mirror_budget else None
+        self.mirror, positions = None, 0
+        if self.mirror_budget:
+            # Every rank must choose the mirror or the pool alike (the forwards' shapes
+            # meet in collectives), so the limit comes from the block count vLLM gave
+            # all ranks; one rank alone also keeps to its own bytes.
+            share = envs.VLLM_RAY_METAL_KV_MIRROR
+            positions = int(kv_cache_config.num_blocks * self.block_size * share / (1 - share))
+            if self.vllm_config.parallel_config.world_size == 1:
+                per_position = self.kv_pool.bytes_per_block // self.block_size
+                positions = min(positions, self.mirror_budget // per_position)
+            self.mirror = KVMirror(self.kv_pool, positions)
         logger.info("Paged KV cache: %d blocks of %d tokens (%.1f MiB at full size); "
-                    "mirror for attention: %.1f MiB at most",
+                    "mirror for attention: %d positions at most",
                     kv_cache_config.num_blocks, self.block_size,
                     kv_cache_config.num_blocks * self.kv_pool.bytes_per_block / 2**20,
-                    self.mirror_budget / 2**20)
+                    positions)
 
     def warm_up(self) -> None:
         """One real forward on the null block: loads kernels and BLAS before serving."""

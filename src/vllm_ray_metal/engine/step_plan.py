@@ -95,6 +95,7 @@ def pieces(group: list, block_size: int, piece: int = PREFILL_PIECE) -> list[lis
             return [group]
     out = []
     for offset in range(0, longest, piece):
-        out.append([replace(r, start=r.start + offset,
+        # a row that ran out of tokens sits at its end with none (no positions to fill)
+        out.append([replace(r, start=r.start + min(offset, r.count),
                             count=max(0, min(piece, r.count - offset))) for r in group])
     return out
