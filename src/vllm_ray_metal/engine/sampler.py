@@ -95,7 +95,8 @@ def _apply_processors(x: np.ndarray, params, row: SamplingRow) -> np.ndarray:
     return x
 
 
-def _draw(x: np.ndarray, params, rng: np.random.Generator) -> int:
+def _probs(x: np.ndarray, params) -> np.ndarray:
+    """The (unnormalised) distribution a random row draws from."""
     x = x / params.temperature
     probs = np.exp(x - x.max())
     probs /= probs.sum()
@@ -112,8 +113,16 @@ def _draw(x: np.ndarray, params, rng: np.random.Generator) -> int:
         trimmed = np.zeros_like(probs)
         trimmed[order[:cut]] = probs[order[:cut]]
         probs = trimmed
+    return probs
+
+
+def _pick(probs: np.ndarray, rng: np.random.Generator) -> int:
     cdf = np.cumsum(probs, dtype=np.float64)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+def _draw(x: np.ndarray, params, rng: np.random.Generator) -> int:
+    return _pick(_probs(x, params), rng)
 
 
 def sample(logits: mx.array, rows: list[SamplingRow], default_rng: np.random.Generator
@@ -150,3 +159,88 @@ def sample(logits: mx.array, rows: list[SamplingRow], default_rng: np.random.Gen
         if k is None:
             ids[i], lps[i], ranks[i] = 0, 0.0, 0
     return tokens, (ids, lps, ranks)
+
+
+class _Drafted:
+    """A request's state as seen at a draft position: its output so far plus the drafts
+    accepted before that position (penalties and min_tokens count them)."""
+
+    def __init__(self, row: SamplingRow, accepted: list[int]) -> None:
+        self.sampling_params = row.sampling_params
+        self.prompt_token_ids = row.prompt_token_ids
+        self.output_token_ids = row.output_token_ids + accepted
+        self.generator = row.generator
+
+
+def verify(logits: mx.array, rows: list[SamplingRow], drafts: list[list[int]],
+           default_rng: np.random.Generator
+           ) -> tuple[list[list[int]], tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """Accept a prefix of each row's drafts and add one token, as vLLM's rejection
+    sampler does.
+
+    ``logits`` holds ``len(d) + 1`` consecutive rows per request: the target at each draft
+    position, then the bonus position. Greedy: drafts are kept while they equal the
+    argmax, then the argmax is added. Random: a draft ``d`` is kept with probability
+    ``p(d)`` (the proposal is deterministic, so ``min(1, p/q) = p``); at the first
+    rejection a token is drawn from ``p`` without ``d`` (the residual ``max(p - q, 0)``),
+    and if every draft is kept the bonus position is drawn as usual. Each output token
+    is thus distributed as non-speculative sampling's. A draft of -1 (the scheduler's
+    placeholder) is always rejected.
+
+    Returns the tokens per request and, if any asked for logprobs, ``(ids, logprobs,
+    ranks)`` with one row per returned token (in order), from its position's logits.
+    """
+    params = [r.sampling_params for r in rows]
+    want_logprobs = [p.logprobs for p in params]
+    simple = all(_is_greedy(p) and not _needs_processing(p) for p in params)
+    targets = raw = None
+    if simple:
+        targets = np.asarray(mx.argmax(logits, axis=-1)).astype(np.int64)
+    else:
+        raw = np.asarray(logits.astype(mx.float32))
+    out: list[list[int]] = []
+    positions: list[int] = []  # the logits row of every returned token
+    offset = 0
+    for p, row, proposed in zip(params, rows, drafts):
+        rng = row.generator or default_rng
+        tokens: list[int] = []
+        for j in range(len(proposed) + 1):
+            draft = proposed[j] if j < len(proposed) else None
+            if simple:
+                tok = int(targets[offset + j])
+            else:
+                x = raw[offset + j]
+                if _needs_processing(p):
+                    x = _apply_processors(x.copy(), p, _Drafted(row, tokens))
+                if _is_greedy(p):
+                    tok = int(np.argmax(x))
+                else:
+                    probs = _probs(x.astype(np.float64), p)
+                    if draft is not None and draft >= 0 and \
+                            rng.random() * probs.sum() < probs[draft]:
+                        tok = draft
+                    else:
+                        if draft is not None and draft >= 0:
+                            probs[draft] = 0.0
+                        tok = _pick(probs, rng)
+            tokens.append(tok)
+            positions.append(offset + j)
+            if tok != draft:
+                break
+        out.append(tokens)
+        offset += len(proposed) + 1
+    if all(k is None for k in want_logprobs):
+        return out, None
+    if raw is None:
+        raw = np.asarray(logits.astype(mx.float32))
+    vocab = raw.shape[1]
+    width = max(vocab if k == -1 else k for k in want_logprobs if k is not None)
+    chosen = np.asarray([t for tokens in out for t in tokens], dtype=np.int64)
+    ids, lps, ranks = gather_logprobs(log_softmax(raw[positions]), width, chosen)
+    first = 0
+    for k, tokens in zip(want_logprobs, out):
+        if k is None:
+            ids[first:first + len(tokens)], lps[first:first + len(tokens)] = 0, 0.0
+            ranks[first:first + len(tokens)] = 0
+        first += len(tokens)
+    return out, (ids, lps, ranks)

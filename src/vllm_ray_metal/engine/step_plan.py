@@ -42,8 +42,9 @@ def prefill_groups(rows: list) -> list[list]:
 def forward_groups(rows: list, block_size: int) -> list[list]:
     """Order a step's rows into forward passes so that every block is written first.
 
-    One-token rows share a forward; longer rows share one when their lengths differ
-    by at most :data:`MAX_PREFILL_PADDING` tokens (see :func:`prefill_groups`). vLLM
+    One-token rows (and decoding rows with drafts) share a forward; longer rows share
+    one when their lengths differ by at most :data:`MAX_PREFILL_PADDING` tokens (see
+    :func:`prefill_groups`). vLLM
     registers a prefix-cache block when it schedules the tokens that fill it, so a
     request admitted later in the same step can hit a block only written in this step
     (the writer is an earlier row). A one-token row that reads a block a longer row
@@ -52,8 +53,8 @@ def forward_groups(rows: list, block_size: int) -> list[list]:
     order conflict puts all rows in one forward, where every layer writes all rows'
     keys before any row reads.
     """
-    decodes = [r for r in rows if r.count == 1]
-    prefills = prefill_groups([r for r in rows if r.count > 1])
+    decodes = [r for r in rows if _decoding(r)]
+    prefills = prefill_groups([r for r in rows if not _decoding(r)])
     if not prefills:
         return [decodes] if decodes else []
     written = {b for group in prefills for r in group for b in blocks(r, block_size)[1]}
@@ -62,6 +63,15 @@ def forward_groups(rows: list, block_size: int) -> list[list]:
         (early if written.isdisjoint(blocks(r, block_size)[0]) else late).append(r)
     groups = [g for g in (early, *prefills, late) if g]
     return groups if writes_precede_reads(groups, block_size) else [rows]
+
+
+def _drafts(row) -> int:
+    return len(getattr(row, "drafts", ()))  # speculative proposals at the row's end
+
+
+def _decoding(row) -> bool:
+    """One new known token (and any drafts after it)."""
+    return row.count - _drafts(row) == 1
 
 
 def writes_precede_reads(groups: list[list], block_size: int) -> bool:
@@ -87,7 +97,7 @@ def pieces(group: list, block_size: int, piece: int = PREFILL_PIECE) -> list[lis
     if it is short, or if a row reads a block another row of the group writes: that
     forward must write every row's keys before any row reads)."""
     longest = max(r.count for r in group)
-    if longest <= piece:
+    if longest <= piece or any(_drafts(r) for r in group):  # (drafts end a row: whole)
         return [group]
     spans = [blocks(r, block_size) for r in group]
     for i, (reads, _) in enumerate(spans):

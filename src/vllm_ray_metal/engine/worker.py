@@ -121,6 +121,9 @@ class MLXWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    def take_draft_token_ids(self):
+        return self.model_runner.take_draft_token_ids()
+
     def get_supported_tasks(self) -> tuple[str, ...]:
         if self.model_config.runner_type == "pooling":
             return pooling.TASKS

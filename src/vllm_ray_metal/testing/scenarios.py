@@ -185,6 +185,9 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in opts["prompts"]],
                                 params, use_tqdm=False)
             result["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+            if "metrics" in opts:  # counters by name (needs "llm": {"disable_log_stats": False})
+                result["metrics"] = {name: sum(m.value for m in llm.get_metrics()
+                                               if m.name == name) for name in opts["metrics"]}
         else:
             outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
                             SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)

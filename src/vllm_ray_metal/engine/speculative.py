@@ -1,0 +1,49 @@
+"""Speculative decoding: n-gram proposals (prompt lookup) for the next step.
+
+The scheduler sends each speculating request's proposals back as extra tokens of its
+row (``scheduled_spec_decode_tokens``); the runner runs them in the step's forward and
+the sampler keeps the prefix vLLM's rules accept (``sampler.verify``). What is proposed
+never changes what is generated, only how many tokens one forward yields.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("ngram",)  # what the runner can propose with (config.py refuses the rest)
+
+
+class NgramProposer:
+    """Prompt lookup: find the longest suffix of the request's tokens (``min_n`` to
+    ``max_n`` tokens) that occurred before, and propose the ``k`` tokens that followed
+    its latest earlier occurrence."""
+
+    def __init__(self, k: int, min_n: int, max_n: int, max_model_len: int) -> None:
+        if not 1 <= min_n <= max_n or k < 1:
+            raise ValueError(f"n-gram proposer needs 1 <= prompt_lookup_min ({min_n}) <= "
+                             f"prompt_lookup_max ({max_n}) and num_speculative_tokens "
+                             f"({k}) >= 1")
+        self.k, self.min_n, self.max_n = k, min_n, max_n
+        self.max_model_len = max_model_len
+
+    def propose(self, tokens: np.ndarray) -> list[int]:
+        """Up to ``k`` draft tokens to follow ``tokens`` (1-D ints); [] if no match."""
+        size = len(tokens)
+        room = min(self.k, self.max_model_len - size)
+        if room <= 0 or size <= self.min_n:
+            return []
+        # ends: positions before the last whose token equals the last; each step back
+        # keeps those whose preceding token also matches, so ``ends`` holds the ends of
+        # the earlier occurrences of the last ``n`` tokens
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+        n = 1
+        while ends.size and n < self.max_n:
+            room_before = ends[ends >= n]
+            longer = room_before[tokens[room_before - n] == tokens[size - 1 - n]]
+            if not longer.size:
+                break
+            ends, n = longer, n + 1
+        if not ends.size or n < self.min_n:
+            return []
+        start = int(ends[-1]) + 1  # the latest occurrence
+        return tokens[start:start + room].tolist()
