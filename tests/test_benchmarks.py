@@ -97,3 +97,14 @@ def test_serve_smoke():
     (run,) = data["results"]["ours"].values()
     assert run["completed"] == 4 and run["output_tok_s"] > 0
     assert run["ttft_p50_ms"] > 0 and run["tpot_p50_ms"] > 0
+
+
+def test_spec_smoke():
+    data = run_smoke("bench_spec.py")
+    res = data["results"]
+    assert data["same_tokens_with_and_without"]  # speculation changes speed, not tokens
+    assert res["ours-ngram"]["acceptance_length"] >= 1
+    for system in ("ours-ngram", "ours", "mlx-lm"):
+        assert len(res[system]["grounded_tok_s"]) == 3
+        assert all(v > 0 for v in res[system]["grounded_tok_s"])
+    assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched"]

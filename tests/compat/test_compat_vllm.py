@@ -97,7 +97,20 @@ def test_scheduler_output_has_the_fields_the_runner_reads():
             "num_computed_tokens", "num_output_tokens"} <= cached
     so = {f.name for f in dataclasses.fields(SchedulerOutput)}
     assert {"scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
-            "finished_req_ids", "scheduled_spec_decode_tokens"} <= so
+            "finished_req_ids", "scheduled_spec_decode_tokens",
+            "num_spec_tokens_to_schedule"} <= so
+    # speculative decoding: the runner's proposals go back through the worker's
+    # take_draft_token_ids, which the executor calls by name after each step
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import DraftTokenIds, LogprobsLists
+
+    from vllm_ray_metal.engine.worker import MLXWorker
+
+    assert "take_draft_token_ids" in vars(MultiprocExecutor)
+    assert "take_draft_token_ids" in vars(MLXWorker)
+    assert {f.name for f in dataclasses.fields(DraftTokenIds)} == {"req_ids",
+                                                                   "draft_token_ids"}
+    assert "cu_num_generated_tokens" in LogprobsLists._fields
 
 
 @pytest.mark.parametrize("partition", [None, "1,4"])

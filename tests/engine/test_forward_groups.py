@@ -9,16 +9,17 @@ pytestmark = pytest.mark.unit
 
 def test_forward_groups_write_blocks_before_reading_them():
     """Forwards run in an order where no row reads a block a later forward writes."""
-    from vllm_ray_metal.engine.model_runner import MLXModelRunner, RequestState, _Row
+    from vllm_ray_metal.engine.model_runner import MLXModelRunner
+    from vllm_ray_metal.engine.requests import RequestState, Row
 
     runner = object.__new__(MLXModelRunner)
     runner.block_size = 4
 
-    def row(index: int, blocks: list[int], start: int, count: int) -> _Row:
+    def row(index: int, blocks: list[int], start: int, count: int) -> Row:
         state = RequestState(f"r{index}", [0] * 16, None, blocks, start, None)
-        return _Row(state, start, count, index)
+        return Row(state, start, count, index)
 
-    def ids(rows: list[_Row]) -> list[list[int]]:
+    def ids(rows: list[Row]) -> list[list[int]]:
         return [[r.index for r in g] for g in runner._forward_groups(rows)]
 
     decode, prefill = row(0, [1, 2], 5, 1), row(1, [3, 4], 0, 6)

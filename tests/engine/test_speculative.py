@@ -13,7 +13,7 @@ import torch
 from vllm import SamplingParams
 
 from vllm_ray_metal.engine import grammar, sampler
-from vllm_ray_metal.engine.speculative import NgramProposer
+from vllm_ray_metal.engine.speculative import NgramProposer, next_drafts
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +39,8 @@ def test_ngram_proposes_what_followed_the_longest_latest_match():
     assert propose(tokens, k=1) == [4]
     assert propose([5, 6, 1, 2, 3, 4]) == []  # the last token never occurred before
     assert propose([1, 2, 3, 1, 2, 3], min_n=4) == []  # the match is 3 tokens long
-    assert propose([4, 4, 4, 4]) == [4]  # the latest occurrence: one token follows it
+    assert propose([4, 4, 4, 4]) == [4]  # the one 3-token match leaves one token after it
+    assert propose([1, 2, 3, 1, 2, 3, 1, 2], k=5, max_n=3) == [3, 1, 2]
     assert propose(tokens, max_len=len(tokens) + 2) == [4, 5]  # room left in the model
     assert propose(tokens, max_len=len(tokens)) == []
 
@@ -158,3 +159,21 @@ def test_bitmask_rows_per_draft_position():
     mask = grammar.step_bitmask(Output, ["a", "d", "b"], {"a": 1, "b": 2, "d": 0})
     words = Output.grammar_bitmask
     assert mask.tolist() == [*words[4:6].tolist(), [-1, -1], *words[0:3].tolist()]
+
+
+def test_drafts_shrink_as_more_requests_decode():
+    @dataclass
+    class State:
+        tokens: list[int]
+
+        def token_array(self) -> np.ndarray:
+            return np.asarray(self.tokens)
+
+    proposer = NgramProposer(4, 1, 3, 1000)
+    periodic = State([1, 2, 3, 4, 5, 6, 7] * 3)  # every draft has a match
+    assert next_drafts(proposer, [periodic] * 2, 4) == [[1, 2, 3, 4]] * 2
+    assert next_drafts(proposer, [periodic] * 2, 2) == [[1, 2]] * 2  # vLLM's schedule
+    # 32 rows a forward: 8 requests get 3 drafts, 16 one, 17 none
+    assert next_drafts(proposer, [periodic] * 8, 4) == [[1, 2, 3]] * 8
+    assert next_drafts(proposer, [periodic] * 16, 4) == [[1]] * 16
+    assert next_drafts(proposer, [periodic] * 17, 4) == [[]] * 17

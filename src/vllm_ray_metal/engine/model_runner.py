@@ -5,16 +5,14 @@ tokens a chunk has, which blocks hold which tokens, prefix-cache hits, preemptio
 runner keeps just enough per-request state to know the token ids to feed and samples
 the next token when a request's scheduled tokens reach the end of what is known.
 
-Each step runs every decoding request (one new token each) in one batched MLX call;
-prefill chunks of near-equal length share a call, so no request pays for much padding
+Each step runs every decoding request (one new token each, plus any speculative drafts
+to verify) in one batched MLX call; prefill chunks of near-equal length share a call, so no request pays for much padding
 (see ``_forward_groups`` for the order, which same-step prefix-cache hits constrain).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 import mlx.core as mx
 import numpy as np
 import torch
@@ -25,64 +23,12 @@ from vllm_ray_metal.engine import (grammar, logprobs, model_loader, pipeline, po
                                    sampler, speculative, step_plan)
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 from vllm_ray_metal.engine.kv_mirror import KVMirror
+from vllm_ray_metal.engine.requests import RequestState, Row, Step
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
 
 TORCH_TO_MLX = {torch.float32: mx.float32, torch.float16: mx.float16,
                 torch.bfloat16: mx.bfloat16}
-
-
-@dataclass
-class RequestState:
-    req_id: str
-    prompt_token_ids: list[int]
-    sampling_params: object
-    block_ids: list[int]
-    num_computed_tokens: int
-    generator: np.random.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
-    num_prompt_logprobs: int | None = None
-    prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    pooled: pooling.Pooled | None = None  # pooling requests (runner="pooling")
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def tokens(self, start: int, count: int) -> list[int]:
-        prompt_len = len(self.prompt_token_ids)
-        if start + count <= prompt_len:
-            return self.prompt_token_ids[start:start + count]
-        return (self.prompt_token_ids + self.output_token_ids)[start:start + count]
-
-
-@dataclass
-class _Row:
-    state: RequestState
-    start: int
-    count: int  # tokens the row feeds: known ones, then ``drafts``
-    index: int  # position in the step's output
-    drafts: list[int] = field(default_factory=list)  # proposals to verify (speculative)
-
-    @property
-    def known(self) -> int:
-        return self.count - len(self.drafts)
-
-    def token_ids(self) -> list[int]:
-        # a -1 draft (the scheduler's placeholder) is fed as token 0 and always rejected
-        return self.state.tokens(self.start, self.known) + [max(d, 0) for d in self.drafts]
-
-
-@dataclass
-class _Step:
-    """A step between its forwards and its sampling (vLLM's two-phase step)."""
-    req_ids: list[str]
-    num_rows: int
-    to_sample: list[_Row]
-    logits: mx.array | None
-    prompt_logprobs: dict
-    pooled: list | None  # pooling runner: one embedding (or None) per row
-    num_drafts: dict[str, int]  # speculative decoding: drafts per request ({}: none)
 
 
 class MLXModelRunner:
@@ -98,7 +44,7 @@ class MLXModelRunner:
         self.mirror: KVMirror | None = None
         self.mirror_budget = 0  # bytes of the KV budget kept for the mirror (split_kv_budget)
         self.requests: dict[str, RequestState] = {}
-        self._pending: _Step | None = None
+        self._pending: Step | None = None
         seed = self.model_config.seed
         self.default_rng = np.random.default_rng(seed if seed is not None else 0)
         self.vocab_size = self.model_config.get_vocab_size()
@@ -231,21 +177,21 @@ class MLXModelRunner:
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])
 
-    def _forward_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+    def _forward_groups(self, rows: list[Row]) -> list[list[Row]]:
         return step_plan.forward_groups(rows, self.block_size)
 
-    def _place(self, groups: list[list[_Row]]) -> list[list[int]] | None:
+    def _place(self, groups: list[list[Row]]) -> list[list[int]] | None:
         """Mirror slots of every row of the step's forwards (None: the pool alone)."""
         if self.mirror is None:
             return None
         return self.mirror.place([[(r.state.req_id, r.start + r.count) for r in g]
                                   for g in groups])
 
-    def _run_group(self, group: list[_Row], slots: list[int] | None) -> list[mx.array]:
+    def _run_group(self, group: list[Row], slots: list[int] | None) -> list[mx.array]:
         """One group's forwards (pieces of a long chunk in turn); each row's hidden
         states [>= count, H]."""
         lo = None
-        batch: list[_Row | None] = list(group)
+        batch: list[Row | None] = list(group)
         if slots is not None:  # the forward covers the slot range, dummies in the gaps
             lo = min(slots)
             batch = [None] * (max(slots) - lo + 1)
@@ -269,7 +215,7 @@ class MLXModelRunner:
                         self.mirror.arrays() if lo is not None else [])
         return [p[0] if len(p) == 1 else mx.concatenate(p) for p in parts]
 
-    def _forward(self, rows: list[_Row | None], lo: int | None) -> mx.array:
+    def _forward(self, rows: list[Row | None], lo: int | None) -> mx.array:
         """Run rows of new tokens through the model; return hidden states [B, L, H].
 
         ``lo``: the first mirror slot (rows are slots ``lo ...``, None a dummy slot);
@@ -309,13 +255,13 @@ class MLXModelRunner:
         rows = []
         for index, req_id in enumerate(req_ids):
             state = self.requests[req_id]
-            rows.append(_Row(state, state.num_computed_tokens,
+            rows.append(Row(state, state.num_computed_tokens,
                              so.num_scheduled_tokens[req_id], index,
                              list(spec.get(req_id, ()))))
         groups = self._forward_groups(rows)
         placed = self._place(groups)
 
-        to_sample: list[_Row] = []
+        to_sample: list[Row] = []
         last_hidden: list[mx.array] = []
         prompt_logprobs: dict = {}
         pooled: list | None = None
@@ -343,8 +289,9 @@ class MLXModelRunner:
             logits = self._logits(mx.concatenate(last_hidden))
         if pooled is not None:
             pooled = pooling.to_torch(pooled)
-        self._pending = _Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled,
-                              {req_id: len(d) for req_id, d in spec.items()})
+        self._pending = Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled,
+                             {req_id: len(d) for req_id, d in spec.items()},
+                             so.num_spec_tokens_to_schedule)
         return None if defer else self.sample_tokens(None)
 
     def sample_tokens(self, grammar_output):
@@ -377,11 +324,10 @@ class MLXModelRunner:
                     lp, [r.index for r in step.to_sample], [len(t) for t in tokens],
                     step.num_rows)
         if self.proposer is not None:  # the next step's drafts of every request that sampled
+            states = [r.state for r in step.to_sample]
             self._drafts = compat_vllm.draft_token_ids(
-                [r.state.req_id for r in step.to_sample],
-                [self.proposer.propose(np.asarray(r.state.prompt_token_ids
-                                                  + r.state.output_token_ids))
-                 for r in step.to_sample])
+                [s.req_id for s in states],
+                speculative.next_drafts(self.proposer, states, step.num_spec_tokens))
         return compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
                                                step.prompt_logprobs, step.pooled)
 
@@ -390,7 +336,7 @@ class MLXModelRunner:
         drafts, self._drafts = self._drafts, None
         return drafts
 
-    def _pool(self, row: _Row, hidden: mx.array):
+    def _pool(self, row: Row, hidden: mx.array):
         """Feed a pooling request's chunk; its embedding once the prompt is complete."""
         state = row.state
         state.num_computed_tokens = row.start + row.count

@@ -193,11 +193,12 @@ def verify(logits: mx.array, rows: list[SamplingRow], drafts: list[list[int]],
     params = [r.sampling_params for r in rows]
     want_logprobs = [p.logprobs for p in params]
     simple = all(_is_greedy(p) and not _needs_processing(p) for p in params)
-    targets = raw = None
+    targets = None
     if simple:
         targets = np.asarray(mx.argmax(logits, axis=-1)).astype(np.int64)
     else:
-        raw = np.asarray(logits.astype(mx.float32))
+        mx.eval(logits)  # then each position read is converted alone (not those after a
+        # request's first rejection)
     out: list[list[int]] = []
     positions: list[int] = []  # the logits row of every returned token
     offset = 0
@@ -209,7 +210,7 @@ def verify(logits: mx.array, rows: list[SamplingRow], drafts: list[list[int]],
             if simple:
                 tok = int(targets[offset + j])
             else:
-                x = raw[offset + j]
+                x = np.asarray(logits[offset + j].astype(mx.float32))
                 if _needs_processing(p):
                     x = _apply_processors(x.copy(), p, _Drafted(row, tokens))
                 if _is_greedy(p):
@@ -231,12 +232,10 @@ def verify(logits: mx.array, rows: list[SamplingRow], drafts: list[list[int]],
         offset += len(proposed) + 1
     if all(k is None for k in want_logprobs):
         return out, None
-    if raw is None:
-        raw = np.asarray(logits.astype(mx.float32))
-    vocab = raw.shape[1]
-    width = max(vocab if k == -1 else k for k in want_logprobs if k is not None)
+    raw = np.asarray(logits[mx.array(positions)].astype(mx.float32))
+    width = max(raw.shape[1] if k == -1 else k for k in want_logprobs if k is not None)
     chosen = np.asarray([t for tokens in out for t in tokens], dtype=np.int64)
-    ids, lps, ranks = gather_logprobs(log_softmax(raw[positions]), width, chosen)
+    ids, lps, ranks = gather_logprobs(log_softmax(raw), width, chosen)
     first = 0
     for k, tokens in zip(want_logprobs, out):
         if k is None:

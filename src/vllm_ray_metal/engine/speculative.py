@@ -12,11 +12,19 @@ import numpy as np
 
 METHODS = ("ngram",)  # what the runner can propose with (config.py refuses the rest)
 
+MAX_VERIFY_ROWS = 32
+# Token rows a decode forward may have, drafts and their padding included (the forward
+# is a rectangle: every row as wide as the most drafts): up to a few dozen rows a forward
+# still reads each weight once and costs not much more than one row does, on Metal's
+# quantized matmuls as in the CPU rig's kernel; beyond, verifying drafts that are mostly
+# rejected would slow a full batch down. So the more requests decode, the fewer drafts
+# each gets: one at 16, none (plain decoding) from 17 on.
+
 
 class NgramProposer:
     """Prompt lookup: find the longest suffix of the request's tokens (``min_n`` to
     ``max_n`` tokens) that occurred before, and propose the ``k`` tokens that followed
-    its latest earlier occurrence."""
+    an earlier occurrence of it."""
 
     def __init__(self, k: int, min_n: int, max_n: int, max_model_len: int) -> None:
         if not 1 <= min_n <= max_n or k < 1:
@@ -26,10 +34,11 @@ class NgramProposer:
         self.k, self.min_n, self.max_n = k, min_n, max_n
         self.max_model_len = max_model_len
 
-    def propose(self, tokens: np.ndarray) -> list[int]:
-        """Up to ``k`` draft tokens to follow ``tokens`` (1-D ints); [] if no match."""
+    def propose(self, tokens: np.ndarray, k: int | None = None) -> list[int]:
+        """Up to ``k`` (default: the configured number) draft tokens to follow ``tokens``
+        (1-D ints); [] if no match."""
         size = len(tokens)
-        room = min(self.k, self.max_model_len - size)
+        room = min(self.k if k is None else k, self.max_model_len - size)
         if room <= 0 or size <= self.min_n:
             return []
         # ends: positions before the last whose token equals the last; each step back
@@ -45,5 +54,19 @@ class NgramProposer:
             ends, n = longer, n + 1
         if not ends.size or n < self.min_n:
             return []
-        start = int(ends[-1]) + 1  # the latest occurrence
+        # the latest occurrence with ``room`` tokens after it (in periodic text the
+        # latest is one period back, too close to the end for a full draft), else the
+        # earliest
+        full = ends[ends + room < size]
+        start = int(full[-1] if full.size else ends[0]) + 1
         return tokens[start:start + room].tolist()
+
+
+def next_drafts(proposer: NgramProposer, states: list, k: int,
+                budget: int = MAX_VERIFY_ROWS) -> list[list[int]]:
+    """Proposals for the requests (the runner's states) that just sampled: at most ``k``
+    each (vLLM's dynamic schedule may lower it), and within the row budget."""
+    k = min(k, budget // max(len(states), 1) - 1)
+    if k < 1:
+        return [[] for _ in states]
+    return [proposer.propose(s.token_array(), k) for s in states]

@@ -2,7 +2,7 @@
 a long prompt chunk is cut into pieces.
 
 A row is anything with ``start``, ``count``, ``index`` and ``state.block_ids`` (the
-runner's ``_Row``): ``count`` new tokens from position ``start``, ``index`` its place
+runner's ``requests.Row``): ``count`` new tokens from position ``start``, ``index`` its place
 in the scheduler's order.
 """
 
