@@ -53,27 +53,22 @@ def test_tp_equals_tp1_with_ranks_on_different_nodes(four_units, tiny, prompts, 
 
 
 @pytest.mark.ray
-def test_tp3_on_default_model_equals_reference(four_units, model_dir, prompts, hf_reference):
-    """SmolLM2 (9 heads / 3 KV heads) at TP=3 gives transformers' (= our TP=1) tokens."""
-    res = generate(four_units, model_dir, 3, prompts)
+def test_tp3_on_default_model_with_speculation_equals_reference(four_units, model_dir,
+                                                                prompts, hf_reference):
+    """SmolLM2 (9 heads / 3 KV heads) at TP=3 gives transformers' (= our TP=1) tokens,
+    with n-gram speculation on: every rank verifies the same drafts alike (same logits
+    after the vocabulary gather, same generators)."""
+    accepted = "vllm:spec_decode_num_accepted_tokens"
+    res = scenarios.run("gen", four_units, "class", {
+        "model": model_dir, "prompts": prompts, "max_tokens": NEW_TOKENS,
+        "metrics": [accepted],
+        "llm": {"tensor_parallel_size": 3, "disable_log_stats": False,
+                "speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                       "prompt_lookup_min": 1, "prompt_lookup_max": 3}}}).ok()
     assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
+    assert res["metrics"][accepted] > 0
     assert len({w["host_ip"] for w in res["workers"]}) == 3
     assert all(w["vocab_split"] for w in res["workers"])
-
-
-@pytest.mark.ray
-def test_tp2_with_ngram_speculation_equals_tp1(four_units, tiny, prompts, tiny_tp1):
-    """Every rank verifies the same drafts alike (same logits, same generators), so
-    TP=2 with n-gram speculation decodes TP=1's tokens without it."""
-    accepted = "vllm:spec_decode_num_accepted_tokens"
-    opts = {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS, "metrics": [accepted],
-            "llm": {"tensor_parallel_size": 2, "disable_log_stats": False,
-                    "speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                                           "prompt_lookup_min": 1, "prompt_lookup_max": 3}}}
-    res = scenarios.run("gen", four_units, "class", opts).ok()
-    assert res["outputs"] == tiny_tp1["outputs"]
-    assert len(res["workers"]) == 2
-    assert res["metrics"][accepted] > 0
 
 
 @pytest.mark.unit
