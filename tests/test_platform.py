@@ -96,6 +96,8 @@ def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
       "prompt_lookup_max": 2}, "prompt_lookup_m"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "block"},
+     "rejection_sample_method"),
 ])
 def test_bad_speculative_configs_fail_at_configuration_naming_the_field(model_dir, spec,
                                                                          needle):

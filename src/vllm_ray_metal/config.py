@@ -80,6 +80,11 @@ def apply_platform_config(vllm_config) -> None:
                 f"vllm-ray-metal; use method 'ngram' (prompt lookup: "
                 "--speculative-config '{\"method\": \"ngram\", "
                 "\"num_speculative_tokens\": 4}') or drop --speculative-config.")
+        method = getattr(spec, "rejection_sample_method", "standard")
+        _reject(method != "standard",
+                f"rejection_sample_method={method!r} is not supported by vllm-ray-metal "
+                "(it verifies drafts by vLLM's standard rule); drop it from "
+                "--speculative-config.")
         _reject(parallel.pipeline_parallel_size > 1,
                 "speculative decoding with pipeline_parallel_size > 1 is not supported by "
                 "vllm-ray-metal; use tensor parallelism (--tensor-parallel-size) or drop "

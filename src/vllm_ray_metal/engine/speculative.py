@@ -14,11 +14,11 @@ METHODS = ("ngram",)  # what the runner can propose with (config.py refuses the 
 
 MAX_VERIFY_ROWS = 32
 # Token rows a decode forward may have, drafts and their padding included (the forward
-# is a rectangle: every row as wide as the most drafts): up to a few dozen rows a forward
-# still reads each weight once and costs not much more than one row does, on Metal's
-# quantized matmuls as in the CPU rig's kernel; beyond, verifying drafts that are mostly
-# rejected would slow a full batch down. So the more requests decode, the fewer drafts
-# each gets: one at 16, none (plain decoding) from 17 on.
+# is a rectangle: every row as wide as the most drafts). A forward reads each weight
+# once, so a single stream verifies its drafts almost for free; a full batch pays for
+# every extra row, and drafts that are mostly rejected would slow it down. So the more
+# requests decode, the fewer drafts each gets: one at 16, none (plain decoding) from 17
+# on (BENCHMARKS.md P6 measures both ends).
 
 
 class NgramProposer:
