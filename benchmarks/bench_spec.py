@@ -49,26 +49,15 @@ def passage(chars: int) -> str:
     return readme[readme.index("## Use it"):][:chars]
 
 
-def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not callable(tokenizer):  # mlx-lm's TokenizerWrapper: the HF tokenizer inside
-        tokenizer = tokenizer._tokenizer
-    out = []
-    for t in texts:
-        s = tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                          add_generation_prompt=True, tokenize=False)
-        out.append(tokenizer(s, add_special_tokens=False)["input_ids"])
-    return out
-
-
 def grounded_prompts(tokenizer, chars: int) -> list[list[int]]:
-    return chat_ids(tokenizer, [a.format(passage=passage(chars)) for a in ASKS])
+    return common.chat_ids(tokenizer, [a.format(passage=passage(chars)) for a in ASKS])
 
 
 def short_prompts(tokenizer, n: int) -> list[list[int]]:
     topics = ["the ocean", "a city at night", "mountains", "a robot", "coffee", "winter",
               "a library", "trains"]
-    return chat_ids(tokenizer, [f"Write a short story about {topics[i % 8]} (variant {i})."
-                                for i in range(n)])
+    return common.chat_ids(tokenizer, [f"Write a short story about {topics[i % 8]} "
+                                       f"(variant {i})." for i in range(n)])
 
 
 def child_vllm(system: str, args) -> dict:

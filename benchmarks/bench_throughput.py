@@ -62,15 +62,8 @@ NOTE = ("Changes and profile of 2026-11-30 (SmolLM2 fp32, 2 cores; in-worker ste
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
-    if not callable(tokenizer):  # mlx-lm's TokenizerWrapper: use the HF tokenizer inside
-        tokenizer = tokenizer._tokenizer
-    texts = [f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
-    out = []
-    for t in texts:
-        s = tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                          add_generation_prompt=True, tokenize=False)
-        out.append(tokenizer(s, add_special_tokens=False)["input_ids"])
-    return out
+    return common.chat_ids(tokenizer, [f"Write a short story about {TOPICS[i % len(TOPICS)]} "
+                                       f"(variant {i})." for i in range(n)])
 
 
 def child_vllm(system: str, levels: list[int], new_tokens: int, repeats: int) -> dict:

@@ -57,6 +57,19 @@ def engine_kwargs(system: str, kv_bytes: int) -> dict:
     return {"distributed_executor_backend": RayMetalExecutor, "kv_cache_memory_bytes": kv_bytes}
 
 
+def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Chat-templated prompt token ids; ``tokenizer`` is transformers' or mlx-lm's
+    TokenizerWrapper (the HF tokenizer inside is used)."""
+    if not callable(tokenizer):
+        tokenizer = tokenizer._tokenizer
+    out = []
+    for t in texts:
+        s = tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                          add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(s, add_special_tokens=False)["input_ids"])
+    return out
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -4,7 +4,7 @@ and the per-token layouts of the bitmask and of logprobs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -15,15 +15,9 @@ from vllm import SamplingParams
 from vllm_ray_metal.engine import grammar, sampler
 from vllm_ray_metal.engine.speculative import NgramProposer, next_drafts
 
+from test_sampler import Row  # the sampler's view of a request
+
 pytestmark = pytest.mark.unit
-
-
-@dataclass
-class Row:
-    sampling_params: SamplingParams
-    prompt_token_ids: list[int] = field(default_factory=lambda: [1, 2])
-    output_token_ids: list[int] = field(default_factory=list)
-    generator: np.random.Generator | None = None
 
 
 def propose(tokens: list[int], k: int = 3, min_n: int = 1, max_n: int = 4,
