@@ -20,7 +20,7 @@ from vllm_ray_metal.testing import scenarios
 from vllm_ray_metal.testing.cluster import LocalRayCluster
 from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
 
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 
 
 def convert(source: str, target: Path, bits: int) -> str:
@@ -41,22 +41,21 @@ def convert(source: str, target: Path, bits: int) -> str:
 
 
 def mlx_lm_greedy(model_dir: str, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Raw mlx-lm: load, its prompt cache, argmax; no vllm-ray-metal code involved."""
-    import mlx.core as mx
+    """Raw mlx-lm: ``load`` and ``generate_step`` (its prompt cache, its argmax sampler); no
+    vllm-ray-metal code involved."""
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
 
     model, _ = load(model_dir)
-    out = []
-    for ids in prompts:
-        cache = make_prompt_cache(model)
-        tokens, logits = [], model(mx.array([ids]), cache=cache)
-        for _ in range(n):
-            tok = int(mx.argmax(logits[0, -1]).item())
-            tokens.append(tok)
-            logits = model(mx.array([[tok]]), cache=cache)
-        out.append(tokens)
-    return out
+    return [raw_greedy(model, ids, n) for ids in prompts]
+
+
+def raw_greedy(model, ids: list[int], n: int) -> list[int]:
+    """mlx-lm's ``generate_step``: its prefill projects only the last position onto the
+    vocabulary (bf16 projections are slow on MLX's CPU backend)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    return [int(tok) for tok, _ in generate_step(mx.array(ids), model, max_tokens=n)]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +84,8 @@ def test_quantized_bf16_checkpoint_equals_raw_mlx_lm(checkpoints, prompts, bits)
 RAW_TP = """
 import json, sys
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 from vllm_ray_metal.compat import mlx as compat_mlx
+from mlx_lm.generate import generate_step
 from vllm_ray_metal.testing.scenarios import report
 
 path, rank, hosts, prompts, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), \
@@ -95,14 +94,8 @@ group = compat_mlx.init_ring_group(hosts, rank, "ring")
 model = compat_mlx.load_model(path, lazy=True)
 model.shard(group)  # mlx-lm's own tensor parallelism
 mx.eval(model.parameters())
-out = []
-for ids in prompts:
-    cache = make_prompt_cache(model)
-    tokens, logits = [], model(mx.array([ids]), cache=cache)
-    for _ in range(n):
-        tokens.append(int(mx.argmax(logits[0, -1]).item()))
-        logits = model(mx.array([[tokens[-1]]]), cache=cache)
-    out.append(tokens)
+out = [[int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n)]
+       for ids in prompts]
 report({"rank": rank, "outputs": out})
 """
 
