@@ -7,11 +7,15 @@ live in ``vllm_ray_metal.testing`` (also used by the benchmarks), not in test fi
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+from vllm_ray_metal.testing import scenarios
+from vllm_ray_metal.testing.cluster import LocalRayCluster
 from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, tiny_llama
 
+TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test clusters live on loopback addresses only. Ray 2.60 turns on token auth for a head
 # node once ~/.ray/auth_token exists (any local ray.init() may create it) while joining
@@ -27,6 +31,82 @@ def pytest_collection_modifyitems(config, items) -> None:
     if unmarked:
         raise pytest.UsageError(f"each test needs exactly one of the markers {KINDS}: "
                                 + ", ".join(unmarked))
+    for name in SHARED:  # the modules on a shared fixture run one after the other
+        users = {item.module for item in items if name in item.fixturenames}
+        if not users:
+            continue
+        first = next(i for i, item in enumerate(items) if item.module in users)
+        rest = [item for item in items if item.module not in users]
+        items[:] = rest[:first] + [item for item in items if item.module in users] \
+            + rest[first:]
+        _last_user[name] = [item for item in items if name in item.fixturenames][-1].nodeid
+
+
+# Session fixtures shared by several modules, closed after their last test (not at the
+# end of the suite: idle raylets and servers take CPU from every test after them).
+SHARED = ("four_units", "server")
+_last_user: dict[str, str] = {}
+_closers: dict[str, object] = {}
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    for name, last in _last_user.items():
+        if item.nodeid == last and name in _closers:
+            _closers.pop(name)()
+
+
+@pytest.fixture(scope="session")
+def close_after_last_use():
+    """``close_after_last_use(name, close)``: call ``close`` after the last test that uses
+    the fixture ``name`` (one of SHARED); ``close`` must be safe to call again."""
+    def register(name: str, close) -> None:
+        assert name in SHARED, name
+        _closers[name] = close
+    return register
+
+
+@pytest.fixture(scope="session")
+def four_units(close_after_last_use):
+    """Four raylets with one METAL unit each (the head too): every rank gets its own
+    address. The TP, PP and DP modules share it (a cluster start costs a minute here)."""
+    with LocalRayCluster.one_unit_each(12, 13, 14, 15).start(timeout=240) as c:
+        close_after_last_use("four_units", c.stop)
+        yield c
+
+
+TINY_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_jobs(prompts, model_dir) -> list[dict]:
+    """What the multi-rank equality tests run on the tiny model: the chat prompts, the same
+    under JSON schemas (None: unconstrained), and two prompts of ~2k tokens."""
+    from transformers import AutoTokenizer
+
+    from vllm_ray_metal.testing.structured import PERSON, TAGS, WEATHER
+
+    cycle = [WEATHER, None, PERSON, TAGS]
+    text = (TESTS.parent / "README.md").read_text()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+    return [{"prompts": prompts, "max_tokens": TINY_TOKENS},
+            {"prompts": prompts, "max_tokens": TINY_TOKENS,
+             "json_schemas": [cycle[i % 4] for i in range(len(prompts))]},
+            {"prompts": [ids[:1950], ids[500:2000]], "max_tokens": TINY_TOKENS}]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm() -> dict:
+    """LLM arguments for :func:`tiny_jobs`: long enough for the 2k prompts, which run
+    chunked (in pieces, on the KV mirror)."""
+    return {"max_model_len": 2048, "max_num_batched_tokens": 1024}
+
+
+@pytest.fixture(scope="session")
+def tiny_tp1(four_units, tiny, tiny_jobs, tiny_llm) -> dict:
+    """TP=1's tokens for :func:`tiny_jobs` (``result["jobs"]``), the reference of every
+    TP, PP and DP equality test on the tiny model."""
+    return scenarios.run("gen", four_units, "class", {
+        "model": tiny, "jobs": tiny_jobs, "llm": tiny_llm}).ok()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-PYTEST = [sys.executable, "-m", "pytest", "-ra", "--timeout=900", "--durations=25"]
+PYTEST = [sys.executable, "-m", "pytest", "-ra", "--timeout=900", "--durations=60"]
 
 
 def main(args: list[str]) -> int:

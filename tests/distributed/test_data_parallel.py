@@ -1,6 +1,6 @@
 """Data parallelism (Ray DP backend) across raylets on distinct loopback addresses.
 
-DP=2 and DP=2 x TP=2 must give DP=1's greedy tokens, with both replicas serving requests
+DP=2 and DP=2 x TP=2 must give TP=1's greedy tokens, with both replicas serving requests
 (which replica finished each request comes from vLLM's per-engine stats; where each
 replica's workers run comes from ``node_info`` on every replica).
 """
@@ -16,12 +16,6 @@ from vllm_ray_metal.testing.cluster import LocalRayCluster
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def four_units():
-    with LocalRayCluster.one_unit_each(72, 73, 74, 75).start(timeout=240) as c:
-        yield c
-
-
 def run(c: LocalRayCluster, model: str, prompts: list[list[int]], **engine) -> dict:
     opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "engine": engine}
     return scenarios.run("dp", c, opts=opts).result
@@ -33,9 +27,11 @@ def ok(res: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dp1(four_units, tiny, prompts):
-    """The reference: one engine, vLLM's default (non-DP) engine path."""
-    return ok(run(four_units, tiny, prompts, data_parallel_backend="mp"))
+def dp1(tiny_tp1) -> dict:
+    """The reference: the offline LLM's tokens at TP=1 (their first NEW_TOKENS) and its
+    worker."""
+    return {"outputs": [o[:NEW_TOKENS] for o in tiny_tp1["jobs"][0]],
+            "worker": tiny_tp1["workers"][0]}
 
 
 def assert_both_replicas_served(res: dict, n_prompts: int) -> None:
@@ -69,14 +65,14 @@ def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
     assert [[w["rank"] for w in r] for r in replicas] == [[0, 1], [0, 1]]
     assert all(w["group_size"] == 2 for r in replicas for w in r)
     assert len({w["host_ip"] for r in replicas for w in r}) == 4  # every rank on its own node
-    full = dp1["replicas"][0][0]["layer_weight_bytes"]
+    full = dp1["worker"]["layer_weight_bytes"]
     assert all(abs(w["layer_weight_bytes"] - full / 2) / (full / 2) < 0.02
                for r in replicas for w in r)
 
 
 @pytest.mark.serve
 def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_path):
-    """`vllm serve --data-parallel-size 2 --data-parallel-backend ray`: DP=1's tokens over
+    """`vllm serve --data-parallel-size 2 --data-parallel-backend ray`: TP=1's tokens over
     HTTP; vLLM's per-engine Prometheus counters show both replicas finished requests."""
     import re
     import urllib.request
@@ -116,7 +112,7 @@ def test_more_replicas_than_units_fails_fast(four_units, tiny, prompts):
     res = run(four_units, tiny, prompts[:1], data_parallel_size=3, tensor_parallel_size=2)
     assert res["error"].startswith("PlacementError") and res["error_s"] < 20
     assert "data_parallel_size=3" in res["error"] and "needs 6" in res["error"]
-    assert "127.0.0.75" in res["error"]  # the node table
+    assert "127.0.0.15" in res["error"]  # the node table
 
 
 @pytest.mark.ray

@@ -10,18 +10,12 @@ import pytest
 from vllm_ray_metal.testing import scenarios
 from vllm_ray_metal.testing.cluster import LocalRayCluster
 from vllm_ray_metal.testing.llm import config_error
+from vllm_ray_metal.testing.structured import json_rows_start_with_a_brace
 
-NEW_TOKENS = 32
+NEW_TOKENS = 32  # (tiny_jobs' max_tokens)
 # Small steps: prompts are split into chunks that are in flight in different batches of
 # vLLM's PP batch queue at the same time (the scheduling PP must survive).
 STEP_TOKENS = 48
-
-
-@pytest.fixture(scope="module")
-def four_units():
-    # four raylets, one METAL unit each (the head too): every rank gets its own address
-    with LocalRayCluster.one_unit_each(62, 63, 64, 65).start(timeout=240) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +23,13 @@ def tiny(tiny_5_layers):
     return tiny_5_layers  # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
 
 
-def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) -> dict:
+def generate(c: LocalRayCluster, model: str, jobs: list[dict], **llm) -> dict:
+    """The plain and the constrained job of ``tiny_jobs`` (``res["outputs"]``,
+    ``res["constrained"]``)."""
     llm.setdefault("max_num_batched_tokens", STEP_TOKENS)
-    opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS, "llm": llm}
     started = time.perf_counter()
-    res = scenarios.run("gen", c, "class", opts).ok()
+    res = scenarios.run("gen", c, "class", {"model": model, "jobs": jobs[:2], "llm": llm}).ok()
+    res["outputs"], res["constrained"] = res.pop("jobs")
     assert all(len(o) == NEW_TOKENS for o in res["outputs"])
     print(f"{Path(model).name} {llm}: ready {res['ready_s']:.1f} s, whole driver "
           f"{time.perf_counter() - started:.1f} s")
@@ -41,14 +37,18 @@ def generate(c: LocalRayCluster, model: str, prompts: list[list[int]], **llm) ->
 
 
 @pytest.fixture(scope="module")
-def tiny_pp1(four_units, tiny, prompts):
-    return generate(four_units, tiny, prompts)
+def tiny_pp1(four_units, tiny, tiny_jobs):
+    return generate(four_units, tiny, tiny_jobs)
 
 
 @pytest.mark.ray
-def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
-    res = generate(four_units, tiny, prompts, pipeline_parallel_size=2)
+def test_pp2_equals_pp1_plain_and_constrained(four_units, tiny, tiny_jobs, tiny_pp1):
+    """PP=2 gives PP=1's tokens, also under JSON schemas (the last stage applies the
+    grammar bitmask)."""
+    res = generate(four_units, tiny, tiny_jobs, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
+    assert res["constrained"] == tiny_pp1["constrained"]
+    assert json_rows_start_with_a_brace(tiny, res["constrained"], tiny_jobs[1]["json_schemas"])
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
     assert [w["layers"] for w in workers] == [[0, 3], [3, 5]]
@@ -66,9 +66,10 @@ def test_pp2_equals_pp1(four_units, tiny, prompts, tiny_pp1):
 
 
 @pytest.mark.ray
-def test_tp2_pp2_equals_tp1(four_units, tiny, prompts, tiny_pp1):
-    res = generate(four_units, tiny, prompts, tensor_parallel_size=2, pipeline_parallel_size=2)
+def test_tp2_pp2_equals_tp1(four_units, tiny, tiny_jobs, tiny_pp1):
+    res = generate(four_units, tiny, tiny_jobs, tensor_parallel_size=2, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
+    assert res["constrained"] == tiny_pp1["constrained"]
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1, 2, 3]
     assert [w["layers"] for w in workers] == [[0, 3], [0, 3], [3, 5], [3, 5]]

@@ -13,43 +13,50 @@ from vllm_ray_metal.testing import scenarios
 from vllm_ray_metal.testing.cluster import LocalRayCluster
 from vllm_ray_metal.testing.llm import config_error
 from vllm_ray_metal.testing.models import hf_greedy
+from vllm_ray_metal.testing.structured import json_rows_start_with_a_brace
 
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module")
-def four_units():
-    # four raylets, one METAL unit each (the head too): every rank gets its own address
-    with LocalRayCluster.one_unit_each(12, 13, 14, 15).start(timeout=240) as c:
-        yield c
+def generate(c: LocalRayCluster, model: str, llm: dict, jobs: list[dict]) -> dict:
+    return scenarios.run("gen", c, "class", {"model": model, "jobs": jobs, "llm": llm}).ok()
 
 
-def generate(c: LocalRayCluster, model: str, tp: int, prompts: list[list[int]]) -> dict:
-    opts = {"model": model, "prompts": prompts, "max_tokens": NEW_TOKENS,
-            "llm": {"tensor_parallel_size": tp}}
-    return scenarios.run("gen", c, "class", opts).ok()
-
-
-@pytest.fixture(scope="module")
-def tiny_tp1(four_units, tiny, prompts):
-    return generate(four_units, tiny, 1, prompts)
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize("tp", [pytest.param(2, marks=pytest.mark.core), 4])
-def test_tp_equals_tp1_with_ranks_on_different_nodes(four_units, tiny, prompts, tiny_tp1, tp):
-    res = generate(four_units, tiny, tp, prompts)
-    assert res["outputs"] == tiny_tp1["outputs"]
-    assert all(len(o) == NEW_TOKENS for o in res["outputs"])
+def assert_ranks_split_the_model(res: dict, tp1: dict, tp: int) -> None:
     workers = res["workers"]
     assert [w["rank"] for w in workers] == list(range(tp))
     assert len({w["host_ip"] for w in workers}) == tp  # one rank per raylet address
     assert all(w["group_size"] == tp for w in workers)
     assert all(w["vocab_split"] for w in workers)  # each rank projects onto 1/tp of the vocab
     # each rank holds 1/tp of the decoder weights (embeddings stay replicated)
-    full = tiny_tp1["workers"][0]["layer_weight_bytes"]
+    full = tp1["workers"][0]["layer_weight_bytes"]
     for w in workers:
         assert abs(w["layer_weight_bytes"] - full / tp) / (full / tp) < 0.02
+
+
+@pytest.mark.ray
+@pytest.mark.core
+def test_tp2_equals_tp1_plain_constrained_and_at_2k_tokens(four_units, tiny, tiny_jobs,
+                                                          tiny_llm, tiny_tp1):
+    """TP=2 gives TP=1's tokens for the chat prompts; under JSON schemas (the bitmask
+    reaches every rank, applied to the vocabulary-gathered logits); and for ~2k-token
+    prompts (chunked, in pieces, on the KV mirror)."""
+    res = generate(four_units, tiny, {**tiny_llm, "tensor_parallel_size": 2}, tiny_jobs)
+    plain, constrained, long = res["jobs"]
+    assert plain == tiny_tp1["jobs"][0]
+    assert all(len(o) == NEW_TOKENS for o in plain + long)
+    assert constrained == tiny_tp1["jobs"][1]
+    assert json_rows_start_with_a_brace(tiny, constrained, tiny_jobs[1]["json_schemas"])
+    assert long == tiny_tp1["jobs"][2]
+    assert_ranks_split_the_model(res, tiny_tp1, 2)
+
+
+@pytest.mark.ray
+def test_tp4_equals_tp1_with_ranks_on_different_nodes(four_units, tiny, tiny_jobs, tiny_llm,
+                                                      tiny_tp1):
+    res = generate(four_units, tiny, {**tiny_llm, "tensor_parallel_size": 4}, tiny_jobs[:1])
+    assert res["jobs"][0] == tiny_tp1["jobs"][0]
+    assert_ranks_split_the_model(res, tiny_tp1, 4)
 
 
 @pytest.mark.ray
@@ -98,69 +105,25 @@ def test_more_ranks_than_units_fails_fast(tiny, prompts):
     assert "1 unit(s) of 'METAL'" in res["error"] and "127.0.0.17" in res["error"]
 
 
-@pytest.fixture(scope="module")
-def constrained(tiny, prompts) -> dict:
-    """Token prompts with a JSON schema (or None: unconstrained) each, for the tiny model."""
-    from vllm_ray_metal.testing.structured import PERSON, TAGS, WEATHER
-
-    cycle = [WEATHER, None, PERSON, TAGS]
-    return {"model": tiny, "prompts": prompts, "max_tokens": NEW_TOKENS,
-            "json_schemas": [cycle[i % 4] for i in range(len(prompts))]}
-
-
-@pytest.fixture(scope="module")
-def constrained_tp1(four_units, constrained) -> dict:
-    return scenarios.run("gen", four_units, "class", {**constrained, "llm": {}}).ok()
-
-
 @pytest.mark.ray
-@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2},
-                                      {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_constrained_outputs_equal_tp1(four_units, tiny, constrained, constrained_tp1,
-                                       parallel):
-    """The grammar bitmask reaches every rank that samples (TP: all ranks, on the
-    vocabulary-gathered logits; PP: the last stage), so constrained tokens match TP=1."""
-    opts, one = constrained, constrained_tp1
-    many = scenarios.run("gen", four_units, "class", {**opts, "llm": parallel}).ok()
-    assert many["outputs"] == one["outputs"]
-    assert len(many["workers"]) == 2
-    # the constrained rows are JSON objects as far as they got (random weights), the
-    # free rows are not
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny)
-    starts = [tok.decode(out).lstrip()[:1] for out in one["outputs"]]
-    assert all((s == "{") == (schema is not None)
-               for s, schema in zip(starts, opts["json_schemas"])), starts
-
-
-@pytest.mark.ray
-def test_tp2_embeddings_equal_tp1(four_units, tiny):
+def test_tp2_embeddings_equal_transformers(four_units, tiny):
     """Every rank holds the full hidden state after the decoder's all-reduce, so pooled
-    embeddings at TP=2 equal TP=1's up to the order of fp32 sums (split matmuls)."""
-    texts = ["The capital of France is Paris.", "hello", "Mountains rise above the valley."]
-    opts = {"model": tiny, "embed": texts}
-    one = scenarios.run("gen", four_units, "class", {**opts, "llm": {"runner": "pooling"}}).ok()
-    two = scenarios.run("gen", four_units, "class", {
-        **opts, "llm": {"runner": "pooling", "tensor_parallel_size": 2}}).ok()
-    assert len(two["workers"]) == 2
-    for a, b in zip(np.asarray(two["embeddings"]), np.asarray(one["embeddings"])):
-        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999
-    np.testing.assert_allclose(two["embeddings"], one["embeddings"], atol=2e-3)
-
-
-@pytest.mark.ray
-def test_tp2_equals_tp1_at_2k_tokens(four_units, tiny, model_dir):
-    """Long prompts (chunked, in pieces, on the KV mirror) give TP=1's tokens at TP=2."""
+    embeddings at TP=2 are transformers' (the last token's normed hidden state, L2-normed)
+    up to the order of fp32 sums."""
+    import torch
     from transformers import AutoTokenizer
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
-    opts = {"model": tiny, "prompts": [ids[:1950], ids[500:2000]], "max_tokens": NEW_TOKENS,
-            "llm": {"max_model_len": 2048, "max_num_batched_tokens": 1024}}
-    one = scenarios.run("gen", four_units, "class", opts).ok()
+    from vllm_ray_metal.testing.models import hf_model
+
+    texts = ["The capital of France is Paris.", "hello", "Mountains rise above the valley."]
     two = scenarios.run("gen", four_units, "class", {
-        **opts, "llm": {**opts["llm"], "tensor_parallel_size": 2}}).ok()
+        "model": tiny, "embed": texts,
+        "llm": {"runner": "pooling", "tensor_parallel_size": 2}}).ok()
     assert len(two["workers"]) == 2
-    assert two["outputs"] == one["outputs"]
-    assert all(len(o) == NEW_TOKENS for o in one["outputs"])
+    tok, ref_model = AutoTokenizer.from_pretrained(tiny), hf_model(tiny)
+    with torch.no_grad():
+        want = [torch.nn.functional.normalize(ref_model.model(torch.tensor(
+            [tok(t)["input_ids"]])).last_hidden_state[0, -1], dim=-1).numpy() for t in texts]
+    for got, ref in zip(np.asarray(two["embeddings"]), want):
+        assert got @ ref / np.linalg.norm(got) / np.linalg.norm(ref) >= 0.9999
+    np.testing.assert_allclose(two["embeddings"], want, atol=2e-3)

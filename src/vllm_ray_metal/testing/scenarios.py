@@ -9,7 +9,8 @@ it reported; the scenario prints ``RESULT {json}`` however it ends (an exception
     python -m vllm_ray_metal.testing.scenarios dp ADDRESS NODE_IP OPTIONS
 
 OPTIONS is JSON: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n,
-"llm": {LLM kwargs}} (``dp``: "engine": {AsyncEngineArgs kwargs}). ``dp`` uses ``AsyncLLM``
+"llm": {LLM kwargs}} (or "jobs": [{"prompts", "max_tokens", "json_schemas"}, ...], run one
+after the other on one engine) (``dp``: "engine": {AsyncEngineArgs kwargs}). ``dp`` uses ``AsyncLLM``
 (what ``vllm serve`` runs): vLLM 0.32's offline ``LLM`` refuses data_parallel_size > 1.
 """
 
@@ -137,6 +138,24 @@ def kill_mid_generation(llm, result: dict, make_llm) -> None:
     fresh.llm_engine.engine_core.shutdown()
 
 
+def generate_tokens(llm, job: dict) -> list[list[int]]:
+    """Greedy tokens for ``job["prompts"]`` (``max_tokens``, ignoring EOS), each under its
+    ``json_schemas`` entry when given (None: unconstrained)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    n = job.get("max_tokens", 32)
+    params: SamplingParams | list[SamplingParams] = SamplingParams(
+        temperature=0.0, max_tokens=n, ignore_eos=True)
+    if "json_schemas" in job:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, structured_outputs=(
+            StructuredOutputsParams(json=s) if s else None)) for s in job["json_schemas"]]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params,
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict) -> None:
     """``gen``: one LLM, a chat (or ``opts["prompts"]``) and where its workers ran;
     ``kill``: :func:`kill_mid_generation`."""
@@ -170,21 +189,10 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
         if "embed" in opts:  # runner="pooling": one embedding per text
             outs = llm.embed(opts["embed"], use_tqdm=False)
             result["embeddings"] = [list(o.outputs.embedding) for o in outs]
+        elif "jobs" in opts:  # several batches, one after the other, on the same engine
+            result["jobs"] = [generate_tokens(llm, job) for job in opts["jobs"]]
         elif "prompts" in opts:
-            from vllm.inputs import TokensPrompt
-
-            params = SamplingParams(temperature=0.0, max_tokens=opts.get("max_tokens", 32),
-                                    ignore_eos=True)
-            if "json_schemas" in opts:  # one schema (or None) per prompt
-                from vllm.sampling_params import StructuredOutputsParams
-
-                params = [SamplingParams(
-                    temperature=0.0, max_tokens=opts.get("max_tokens", 32),
-                    structured_outputs=StructuredOutputsParams(json=s) if s else None)
-                    for s in opts["json_schemas"]]
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in opts["prompts"]],
-                                params, use_tqdm=False)
-            result["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
+            result["outputs"] = generate_tokens(llm, opts)
             if "metrics" in opts:  # counters by name (needs "llm": {"disable_log_stats": False})
                 result["metrics"] = {name: sum(m.value for m in llm.get_metrics()
                                                if m.name == name) for name in opts["metrics"]}

@@ -63,3 +63,13 @@ GET_WEATHER_TOOL = {  # strict: the arguments, not only the call, follow the sch
 
 PHONE_REGEX = r"\+[0-9]{2} [0-9]{3} [0-9]{4}"
 YES_NO_GRAMMAR = 'root ::= ("yes" | "no") ", because " [a-z ]{1,30} "."'  # xgrammar EBNF
+
+
+def json_rows_start_with_a_brace(model: str, outputs: list[list[int]], schemas: list) -> bool:
+    """Whether exactly the constrained rows (schema not None) begin a JSON object: what
+    can be asserted of a random-weight model's constrained tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    starts = [tok.decode(out).lstrip()[:1] for out in outputs]
+    return all((s == "{") == (schema is not None) for s, schema in zip(starts, schemas))
