@@ -9,9 +9,10 @@ it reported; the scenario prints ``RESULT {json}`` however it ends (an exception
     python -m vllm_ray_metal.testing.scenarios dp ADDRESS NODE_IP OPTIONS
 
 OPTIONS is JSON: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n,
-"llm": {LLM kwargs}} (or "jobs": [{"prompts", "max_tokens", "json_schemas"}, ...], run one
-after the other on one engine) (``dp``: "engine": {AsyncEngineArgs kwargs}). ``dp`` uses ``AsyncLLM``
-(what ``vllm serve`` runs): vLLM 0.32's offline ``LLM`` refuses data_parallel_size > 1.
+"llm": {LLM kwargs}}, or "jobs": [{"prompts", "max_tokens", "json_schemas"}, ...] run one
+after the other on one engine (``dp``: "engine": {AsyncEngineArgs kwargs}). ``dp`` uses
+``AsyncLLM`` (what ``vllm serve`` runs): vLLM 0.32's offline ``LLM`` refuses
+data_parallel_size > 1.
 """
 
 from __future__ import annotations
