@@ -2,6 +2,11 @@
 
 vLLM start-up is the slow part, so engines and clusters are shared per module. Helpers
 live in ``vllm_ray_metal.testing`` (also used by the benchmarks), not in test files.
+
+The full run (tests/run_suite.py) spreads the suite over two pytest-xdist workers by
+group (``--dist loadgroup``): a test's group is its module, or the shared session fixture
+its module uses, so a module's fixtures (and their loopback addresses) and a shared
+cluster or server live in one worker. Groups run longest kind first.
 """
 
 from __future__ import annotations
@@ -25,21 +30,51 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 KINDS = ("unit", "engine", "ray", "serve", "bench")  # what a test starts; exactly one each
 
 
+# the order groups run in: a shared fixture's modules, then by what a module starts
+ORDER = (*("four_units", "server"), "bench", "ray", "serve", "engine", "unit")
+
+
+def group_of(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
+
+
+class Grouping:
+    """Marks each test with its group (before xdist reads the marks)."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items) -> None:
+        shared = {item.module: name for name in reversed(SHARED) for item in items
+                  if name in item.fixturenames}
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(
+                shared.get(item.module, item.nodeid.split("::")[0])))
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(Grouping(), "vllm-ray-metal-grouping")
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the last user must be run
 def pytest_collection_modifyitems(config, items) -> None:
     unmarked = [item.nodeid for item in items
                 if sum(item.get_closest_marker(k) is not None for k in KINDS) != 1]
     if unmarked:
         raise pytest.UsageError(f"each test needs exactly one of the markers {KINDS}: "
                                 + ", ".join(unmarked))
-    for name in SHARED:  # the modules on a shared fixture run one after the other
-        users = {item.module for item in items if name in item.fixturenames}
-        if not users:
-            continue
-        first = next(i for i, item in enumerate(items) if item.module in users)
-        rest = [item for item in items if item.module not in users]
-        items[:] = rest[:first] + [item for item in items if item.module in users] \
-            + rest[first:]
-        _last_user[name] = [item for item in items if name in item.fixturenames][-1].nodeid
+    rank: dict[str, int] = {}  # a group's rank: the first of ORDER any of its tests is
+    for item in items:
+        kinds = [ORDER.index(k) for k in KINDS if item.get_closest_marker(k)]
+        name = group_of(item)
+        rank[name] = min(rank.get(name, len(ORDER)), *kinds,
+                         ORDER.index(name) if name in SHARED else len(ORDER))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(group_of(item), i)
+    items.sort(key=lambda item: (rank[group_of(item)], first[group_of(item)]))
+    for name in SHARED:
+        users = [item for item in items if name in item.fixturenames]
+        if users:
+            _last_user[name] = users[-1].nodeid
 
 
 # Session fixtures shared by several modules, closed after their last test (not at the

@@ -42,26 +42,18 @@ def assert_both_replicas_served(res: dict, n_prompts: int) -> None:
     assert all(v > 0 for v in res["tokens_by_engine"].values())
 
 
-@pytest.mark.ray
-def test_dp2_equals_dp1_and_both_replicas_serve(four_units, tiny, prompts, dp1):
-    res = ok(run(four_units, tiny, prompts, data_parallel_size=2))
-    assert res["outputs"] == dp1["outputs"]
-    assert all(len(o) == NEW_TOKENS for o in res["outputs"])
-    assert_both_replicas_served(res, len(prompts))
-    replicas = res["replicas"]
-    assert [len(r) for r in replicas] == [1, 1]
-    workers = [w for r in replicas for w in r]
-    assert len({w["pid"] for w in workers}) == 2
-    assert len({w["host_ip"] for w in workers}) == 2  # one replica per raylet
-    assert replicas[0][0]["host_ip"] == four_units.head_ip  # replica 0 on the DP master
+# DP=2 with one rank a replica runs over HTTP (test_vllm_serve_dp2_spreads_requests) and
+# with the mp backend (test_mp_backend_dp2_equals_dp1)
 
 
 @pytest.mark.ray
 def test_dp2_x_tp2_equals_dp1_on_four_nodes(four_units, tiny, prompts, dp1):
     res = ok(run(four_units, tiny, prompts, data_parallel_size=2, tensor_parallel_size=2))
     assert res["outputs"] == dp1["outputs"]
+    assert all(len(o) == NEW_TOKENS for o in res["outputs"])
     assert_both_replicas_served(res, len(prompts))
     replicas = res["replicas"]
+    assert replicas[0][0]["host_ip"] == four_units.head_ip  # replica 0 on the DP master
     assert [[w["rank"] for w in r] for r in replicas] == [[0, 1], [0, 1]]
     assert all(w["group_size"] == 2 for r in replicas for w in r)
     assert len({w["host_ip"] for r in replicas for w in r}) == 4  # every rank on its own node
@@ -122,6 +114,7 @@ def test_mp_backend_dp2_equals_dp1(four_units, tiny, prompts, dp1):
     res = ok(run(four_units, tiny, prompts, data_parallel_size=2, data_parallel_backend="mp"))
     assert res["outputs"] == dp1["outputs"]
     assert_both_replicas_served(res, len(prompts))
+    assert [len(r) for r in res["replicas"]] == [1, 1]
     assert len({w["pid"] for r in res["replicas"] for w in r}) == 2
 
 

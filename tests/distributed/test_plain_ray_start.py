@@ -47,21 +47,11 @@ def test_one_mac_llm_with_ray_backend(model_dir):
     assert res["workers"][0]["host_ip"] == "127.0.0.85"
 
 
-def test_two_macs_pipeline_parallel(two_macs, model_dir, prompts, hf_reference):
-    res = plain(two_macs, {"model": model_dir, "prompts": prompts[:2],
-                           "max_tokens": NEW_TOKENS, "llm": {"pipeline_parallel_size": 2}})
-    assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts[:2]]
-    assert {w["host_ip"] for w in res["workers"]} == {"127.0.0.86", "127.0.0.87"}
-
-
-def test_two_macs_through_ray_client(two_macs, model_dir):
-    """The seed's `ray.init(address="ray://HEAD:10001")`: the driver is a Ray Client."""
-    res = plain(two_macs, {"model": model_dir}, address=two_macs.client_address)
-    assert "Paris" in res["text"]
-
-
-def test_two_macs_hub_id_from_the_local_cache(two_macs, model_dir, tmp_path):
-    """A hub id (`org/name`) resolved from a Hugging Face cache, offline, on every node."""
+def test_two_macs_pipeline_parallel_on_a_hub_id_from_the_local_cache(two_macs, model_dir,
+                                                                     prompts, hf_reference,
+                                                                     tmp_path):
+    """One pipeline stage on each Mac, the model named by a hub id (`org/name`) that each
+    node resolves from a Hugging Face cache, offline."""
     hf_home = tmp_path / "hf"
     repo = hf_home / "hub" / "models--smol-org--SmolLM2-135M-Instruct"
     snapshot = repo / "snapshots" / "0123456789abcdef"
@@ -71,9 +61,18 @@ def test_two_macs_hub_id_from_the_local_cache(two_macs, model_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123456789abcdef")
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}  # workers get the driver's env
-    res = plain(two_macs, {"model": "smol-org/SmolLM2-135M-Instruct"}, env=env)
-    assert "Paris" in res["text"]
+    res = plain(two_macs, {"model": "smol-org/SmolLM2-135M-Instruct", "prompts": prompts[:2],
+                           "max_tokens": NEW_TOKENS, "llm": {"pipeline_parallel_size": 2}},
+                env=env)
     shutil.rmtree(hf_home)
+    assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts[:2]]
+    assert {w["host_ip"] for w in res["workers"]} == {"127.0.0.86", "127.0.0.87"}
+
+
+def test_two_macs_through_ray_client(two_macs, model_dir):
+    """The seed's `ray.init(address="ray://HEAD:10001")`: the driver is a Ray Client."""
+    res = plain(two_macs, {"model": model_dir}, address=two_macs.client_address)
+    assert "Paris" in res["text"]
 
 
 def test_vllm_serve_with_ray_backend(two_macs, model_dir, tmp_path):

@@ -1,7 +1,7 @@
 """The correctness core at sizes MLX's bundled BLAS affords.
 
-CI runs this module (marker ``core``) a second time with ``VLLM_RAY_METAL_CPU_TUNING=0``:
-no BLAS shim, heap setting or model wrapper, i.e. the code a Mac runs (tests/run_suite.py).
+The full run runs this module (marker ``core``) with ``VLLM_RAY_METAL_CPU_TUNING=0``: no
+BLAS shim, heap setting or model wrapper, i.e. the code a Mac runs (tests/run_suite.py).
 The larger versions of these checks are in test_model_runner.py. Reference: transformers
 on the same weights.
 """

@@ -99,7 +99,8 @@ def backend_from(name: str):
 
 
 def kill_mid_generation(llm, result: dict, make_llm) -> None:
-    """Kill the last worker by pid while a long generation runs; then try a fresh LLM."""
+    """Kill the last worker by pid while a long generation runs; then (``make_llm`` not
+    None) try a fresh LLM."""
     import os
     import signal
     import threading
@@ -131,6 +132,8 @@ def kill_mid_generation(llm, result: dict, make_llm) -> None:
     time.sleep(2)
     result["victim_gone"] = not psutil.pid_exists(victim) or \
         psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    if make_llm is None:
+        return
     fresh = make_llm()  # the same cluster must serve a new LLM afterwards
     outs = fresh.chat([[{"role": "user", "content": "What is the capital of France?"}]],
                       SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
@@ -185,7 +188,8 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
         result["key"] = current_platform.ray_device_key  # as the executor chose it here
         print(f"Ray resource key chosen: {result['key']}", flush=True)
         if scenario == "kill":
-            kill_mid_generation(llm, result, lambda: LLM(**kwargs))
+            kill_mid_generation(llm, result, None if opts.get("no_recovery") else
+                                lambda: LLM(**kwargs))
             return
         if "embed" in opts:  # runner="pooling": one embedding per text
             outs = llm.embed(opts["embed"], use_tqdm=False)
