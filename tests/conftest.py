@@ -4,14 +4,18 @@ vLLM start-up is the slow part, so engines and clusters are shared per module. H
 live in ``vllm_ray_metal.testing`` (also used by the benchmarks), not in test files.
 
 The full run (tests/run_suite.py) spreads the suite over two pytest-xdist workers by
-group (``--dist loadgroup``): a test's group is its module, or the shared session fixture
-its module uses, so a module's fixtures (and their loopback addresses) and a shared
-cluster or server live in one worker. Groups run longest kind first.
+group: a test's group is its module, or the shared session fixture its module uses, so a
+module's fixtures (and their loopback addresses) and a shared cluster or server live in
+one worker. Groups run longest kind first. (xdist's own ``loadgroup`` cannot: it renames
+node ids, which pytest 9.2 no longer allows; so the workers write each test's group to a
+file, and :func:`pytest_xdist_make_scheduler` schedules by it.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,24 +38,36 @@ KINDS = ("unit", "engine", "ray", "serve", "bench")  # what a test starts; exact
 ORDER = (*("four_units", "server"), "bench", "ray", "serve", "engine", "unit")
 
 
-def group_of(item) -> str:
-    return item.get_closest_marker("xdist_group").args[0]
-
-
-class Grouping:
-    """Marks each test with its group (before xdist reads the marks)."""
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_collection_modifyitems(self, items) -> None:
-        shared = {item.module: name for name in reversed(SHARED) for item in items
-                  if name in item.fixturenames}
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(
-                shared.get(item.module, item.nodeid.split("::")[0])))
+GROUPS_ENV = "VLLM_RAY_METAL_TEST_GROUPS"  # where the workers write {node id: group}
 
 
 def pytest_configure(config) -> None:
-    config.pluginmanager.register(Grouping(), "vllm-ray-metal-grouping")
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
+        os.environ[GROUPS_ENV] = os.path.join(tempfile.mkdtemp(prefix="vrm-groups-"),
+                                              "groups.json")
+
+
+def pytest_unconfigure(config) -> None:
+    if not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(os.path.dirname(os.environ.pop(GROUPS_ENV)), ignore_errors=True)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's module scopes, with each module's group as its scope."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                with open(os.environ[GROUPS_ENV]) as f:
+                    self.groups = json.load(f)
+            return self.groups[nodeid]
+
+    return ByGroup(config, log)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: the last user must be run
@@ -61,16 +77,24 @@ def pytest_collection_modifyitems(config, items) -> None:
     if unmarked:
         raise pytest.UsageError(f"each test needs exactly one of the markers {KINDS}: "
                                 + ", ".join(unmarked))
+    shared = {item.module: name for name in reversed(SHARED) for item in items
+              if name in item.fixturenames}
+    group = {item.nodeid: shared.get(item.module, item.nodeid.split("::")[0])
+             for item in items}
     rank: dict[str, int] = {}  # a group's rank: the first of ORDER any of its tests is
-    for item in items:
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        name = group[item.nodeid]
         kinds = [ORDER.index(k) for k in KINDS if item.get_closest_marker(k)]
-        name = group_of(item)
         rank[name] = min(rank.get(name, len(ORDER)), *kinds,
                          ORDER.index(name) if name in SHARED else len(ORDER))
-    first = {}
-    for i, item in enumerate(items):
-        first.setdefault(group_of(item), i)
-    items.sort(key=lambda item: (rank[group_of(item)], first[group_of(item)]))
+        first.setdefault(name, i)
+    items.sort(key=lambda item: (rank[group[item.nodeid]], first[group[item.nodeid]]))
+    if os.environ.get("PYTEST_XDIST_WORKER") and GROUPS_ENV in os.environ:
+        written = os.environ[GROUPS_ENV] + "." + os.environ["PYTEST_XDIST_WORKER"]
+        with open(written, "w") as f:
+            json.dump(group, f)
+        os.replace(written, os.environ[GROUPS_ENV])  # every worker writes the same
     for name in SHARED:
         users = [item for item in items if name in item.fixturenames]
         if users:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 PYTEST = [sys.executable, "-m", "pytest", "-ra", "--timeout=900", "--durations=60"]
-SPREAD = ["-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadgroup",
-          "--no-loadscope-reorder"]  # (conftest.py orders the groups)
+SPREAD = ["-n", str(min(2, os.cpu_count() or 1)), "--dist", "loadscope",
+          "--no-loadscope-reorder"]  # (conftest.py's groups as scopes, in its order)
 
 
 def main(args: list[str]) -> int:
