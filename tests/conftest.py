@@ -38,7 +38,7 @@ KINDS = ("unit", "engine", "ray", "serve", "bench")  # what a test starts; exact
 ORDER = (*("four_units", "server"), "bench", "ray", "serve", "engine", "unit")
 
 
-GROUPS_ENV = "VLLM_RAY_METAL_TEST_GROUPS"  # where the workers write {node id: group}
+GROUPS_ENV = "RAY_METAL_TESTS_GROUPS"  # the workers' {node id: group} (VLLM_* are checked)
 
 
 def pytest_configure(config) -> None:
