@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,8 +35,11 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 KINDS = ("unit", "engine", "ray", "serve", "bench")  # what a test starts; exactly one each
 
 
+# Session fixtures shared by several modules, closed after their last test (not at the
+# end of the suite: idle raylets and servers take CPU from every test after them).
+SHARED = ("four_units", "server")
 # the order groups run in: a shared fixture's modules, then by what a module starts
-ORDER = (*("four_units", "server"), "bench", "ray", "serve", "engine", "unit")
+ORDER = (*SHARED, "bench", "ray", "serve", "engine", "unit")
 
 
 GROUPS_ENV = "RAY_METAL_TESTS_GROUPS"  # the workers' {node id: group} (VLLM_* are checked)
@@ -49,8 +53,6 @@ def pytest_configure(config) -> None:
 
 def pytest_unconfigure(config) -> None:
     if not hasattr(config, "workerinput"):
-        import shutil
-
         shutil.rmtree(os.path.dirname(os.environ.pop(GROUPS_ENV)), ignore_errors=True)
 
 
@@ -101,9 +103,6 @@ def pytest_collection_modifyitems(config, items) -> None:
             _last_user[name] = users[-1].nodeid
 
 
-# Session fixtures shared by several modules, closed after their last test (not at the
-# end of the suite: idle raylets and servers take CPU from every test after them).
-SHARED = ("four_units", "server")
 _last_user: dict[str, str] = {}
 _closers: dict[str, object] = {}
 
