@@ -77,7 +77,6 @@ def test_unsupported_architecture_names_supported_types(tmp_path, model_dir):
 @pytest.mark.parametrize("kw, needle", [
     ({"pipeline_parallel_size": 2, "async_scheduling": True}, "--async-scheduling"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
-    ({"enable_lora": True}, "--enable-lora"),
     ({"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2},
       "pipeline_parallel_size": 2}, "--tensor-parallel-size"),

@@ -89,8 +89,9 @@ def apply_platform_config(vllm_config) -> None:
                 "speculative decoding with pipeline_parallel_size > 1 is not supported by "
                 "vllm-ray-metal; use tensor parallelism (--tensor-parallel-size) or drop "
                 "--speculative-config.")
-    _reject(vllm_config.lora_config is not None,
-            "LoRA is not supported by vllm-ray-metal; drop --enable-lora.")
+    if vllm_config.lora_config is not None:  # (in the caller's process: the front end)
+        compat_vllm.read_adapters_before_admission()
+        compat_vllm.serve_bad_adapters_as_400()
     _reject(cache_config.cache_dtype not in ("auto", None),
             f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; MLX workers keep "
             "the KV cache in the model dtype (drop --kv-cache-dtype).")

@@ -98,6 +98,47 @@ def row_sharded_linears() -> tuple[type, ...]:
     return (nn.ShardedToAllLinear, nn.QuantizedShardedToAllLinear)
 
 
+def linear_layout(module: Any) -> tuple[str, int, int, Any]:
+    """(kind, input features, output features, group) of a (sharded, quantized) linear
+    layer, this rank's share: kind ``column`` (``AllToSharded*``: output sharded),
+    ``row`` (``ShardedToAll*``: input sharded, output all-reduced) or ``plain``."""
+    import mlx.nn as nn
+    from mlx.nn.layers import distributed
+
+    out_dims, in_dims = module.weight.shape
+    if "scales" in module:  # packed: 32 // bits values per uint32
+        in_dims = in_dims * 32 // module.bits
+    if isinstance(module, (distributed.AllToShardedLinear,
+                           distributed.QuantizedAllToShardedLinear)):
+        return "column", in_dims, out_dims, module.group
+    if isinstance(module, row_sharded_linears()):
+        return "row", in_dims, out_dims, module.group
+    if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        return "plain", in_dims, out_dims, None
+    raise TypeError(f"{type(module).__name__} is not a linear layer LoRA can wrap")
+
+
+def row_sharded_partial(module: Any, x: Any) -> Any:
+    """A ``ShardedToAll*`` layer's local product, before its all-reduce (its ``__call__``
+    up to ``all_sum``)."""
+    import mlx.core as mx
+
+    if "scales" in module:
+        return mx.quantized_matmul(x, module["weight"], scales=module["scales"],
+                                   biases=module.get("biases"), transpose=True,
+                                   group_size=module.group_size, bits=module.bits,
+                                   mode=module.mode)
+    return x @ module["weight"].T
+
+
+def row_sharded_finish(module: Any, partial: Any) -> Any:
+    """The rest of a ``ShardedToAll*`` layer's ``__call__``: all-reduce, then its bias."""
+    import mlx.core as mx
+
+    y = mx.distributed.all_sum(partial, group=module.group)
+    return y + module["bias"] if "bias" in module else y
+
+
 def init_ring_group(hosts: list[str], rank: int, backend: str) -> Any:
     """``mx.distributed.init`` over explicit peers, without ``mlx.launch``.
 

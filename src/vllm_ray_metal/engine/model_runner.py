@@ -19,7 +19,7 @@ import torch
 
 from vllm_ray_metal import cpu, envs
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import (grammar, logprobs, model_loader, pipeline, pooling,
+from vllm_ray_metal.engine import (grammar, logprobs, lora, model_loader, pipeline, pooling,
                                    sampler, speculative, step_plan)
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 from vllm_ray_metal.engine.kv_mirror import KVMirror
@@ -58,6 +58,7 @@ class MLXModelRunner:
             spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
             self.model_config.max_model_len)
         self._drafts = None  # the last step's proposals, until take_draft_token_ids
+        self.lora: lora.LoRASlots | None = None  # with --enable-lora
 
     # ---- set-up -------------------------------------------------------------------
     def load_model(self) -> None:
@@ -68,11 +69,21 @@ class MLXModelRunner:
                                              revision)
         else:
             self.model = model_loader.load(model, dtype_name, self.group, revision)
+        if self.vllm_config.lora_config is not None:  # (layer types read before CPU wrappers)
+            self.lora = lora.LoRASlots(self.model, self.vllm_config.lora_config, self.dtype,
+                                       self.stage_layers()[0],
+                                       self.model_config.get_total_num_hidden_layers())
         tuned = cpu.install(self.model, self.dtype)  # Linux CPU backend only; {} on Metal
-        self.weight_bytes = model_loader.parameter_bytes(self.model)
-        self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers)
-        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights; CPU wrappers: %s)",
-                    self.model_config.model, self.weight_bytes / 2**20, tuned or "none")
+        if self.lora is not None:
+            tuned = {**tuned, "lora": self.lora.wrap()}
+        self.weight_bytes = model_loader.parameter_bytes(self.model)  # (with LoRA slots)
+        self.layer_weight_bytes = model_loader.parameter_bytes(self.model.model.layers,
+                                                               base_only=True)
+        self.lora_bytes = self.weight_bytes - model_loader.parameter_bytes(self.model,
+                                                                           base_only=True)
+        logger.info("Loaded %s with mlx-lm (%.1f MiB of weights, %.1f MiB of them LoRA "
+                    "slots; CPU wrappers: %s)", self.model_config.model,
+                    self.weight_bytes / 2**20, self.lora_bytes / 2**20, tuned or "none")
 
     def stage_layers(self) -> tuple[int, int]:
         """[start, end) of the decoder layers this rank runs."""
@@ -129,6 +140,8 @@ class MLXModelRunner:
     def warm_up(self) -> None:
         """One real forward on the null block: loads kernels and BLAS before serving."""
         layout = build_layout([0], [1], [[0]], self.block_size)
+        if self.lora is not None:
+            self.lora.set_rows([0])
         hidden = self.model.model(mx.array([[0]]), cache=self.kv_pool.layer_caches(layout))
         if self.samples:
             hidden = model_loader.compute_logits(self.model, hidden[:, -1], self.vocab_group)
@@ -150,7 +163,8 @@ class MLXModelRunner:
                 req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
                 sampling_params=params, block_ids=list(new.block_ids[0]),
                 num_computed_tokens=new.num_computed_tokens,
-                generator=np.random.default_rng(seed) if seed is not None else None)
+                generator=np.random.default_rng(seed) if seed is not None else None,
+                lora_request=new.lora_request)
             self.requests[new.req_id] = state
             if params is None:
                 state.pooled = pooling.start(new.pooling_params,
@@ -230,6 +244,8 @@ class MLXModelRunner:
                 tokens[b, :r.count] = r.token_ids()
         layout = build_layout(starts, counts, [r.state.block_ids if r else [] for r in rows],
                               self.block_size)
+        if self.lora is not None:
+            self.lora.set_rows([r.state.lora_id if r else 0 for r in rows])
         if lo is None:
             caches = self.kv_pool.layer_caches(layout)
         else:
@@ -258,6 +274,9 @@ class MLXModelRunner:
             rows.append(Row(state, state.num_computed_tokens,
                              so.num_scheduled_tokens[req_id], index,
                              list(spec.get(req_id, ()))))
+        if self.lora is not None:  # every adapter of the step in a slot
+            self.lora.activate({r.state.lora_id: r.state.lora_request for r in rows
+                                if r.state.lora_request is not None})
         groups = self._forward_groups(rows)
         placed = self._place(groups)
 

@@ -24,6 +24,11 @@ class RequestState:
     prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     pooled: pooling.Pooled | None = None  # pooling requests (runner="pooling")
     prompt_array: np.ndarray | None = None  # (token_array's cache)
+    lora_request: object | None = None  # vLLM's LoRARequest (None: the base model)
+
+    @property
+    def lora_id(self) -> int:
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_tokens(self) -> int:

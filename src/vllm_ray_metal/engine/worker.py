@@ -63,6 +63,7 @@ class MLXWorker(WorkerBase):
                 "cpu_setup": self.cpu_setup,
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
+                "lora_bytes": getattr(runner, "lora_bytes", None),
                 "group_size": self.group.size() if self.group is not None else 1,
                 "vocab_split": model_loader.splits_vocab(runner.model, runner.vocab_group),
                 "layers": list(runner.stage_layers())}
@@ -135,17 +136,23 @@ class MLXWorker(WorkerBase):
     def check_health(self) -> None:
         return
 
+    def _lora(self):
+        if self.model_runner.lora is None:
+            raise ValueError("LoRA is off: start the engine with enable_lora=True "
+                             "(--enable-lora).")
+        return self.model_runner.lora
+
     def add_lora(self, lora_request) -> bool:
-        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+        return self._lora().add(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+        return self._lora().remove(lora_id)
 
     def pin_lora(self, lora_id: int) -> bool:
-        raise NotImplementedError("LoRA is not supported by vllm-ray-metal")
+        return self._lora().pin(lora_id)
 
     def list_loras(self) -> set[int]:
-        return set()
+        return self._lora().ids() if self.model_runner.lora is not None else set()
 
     def shutdown(self) -> None:
         self.model_runner = None  # type: ignore[assignment]

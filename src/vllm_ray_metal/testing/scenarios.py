@@ -9,7 +9,7 @@ it reported; the scenario prints ``RESULT {json}`` however it ends (an exception
     python -m vllm_ray_metal.testing.scenarios dp ADDRESS NODE_IP OPTIONS
 
 OPTIONS is JSON: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n,
-"llm": {LLM kwargs}}, or "jobs": [{"prompts", "max_tokens", "json_schemas"}, ...] run one
+"llm": {LLM kwargs}}, or "jobs": [{"prompts", "max_tokens", "json_schemas", "loras"}, ...] run one
 after the other on one engine (``dp``: "engine": {AsyncEngineArgs kwargs}). ``dp`` uses
 ``AsyncLLM`` (what ``vllm serve`` runs): vLLM 0.32's offline ``LLM`` refuses
 data_parallel_size > 1.
@@ -144,9 +144,11 @@ def kill_mid_generation(llm, result: dict, make_llm) -> None:
 
 def generate_tokens(llm, job: dict) -> list[list[int]]:
     """Greedy tokens for ``job["prompts"]`` (``max_tokens``, ignoring EOS), each under its
-    ``json_schemas`` entry when given (None: unconstrained)."""
+    ``json_schemas`` entry when given (None: unconstrained) and on its ``loras`` entry
+    ([name, id, path] of a LoRA adapter; None: the base model)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import StructuredOutputsParams
 
     n = job.get("max_tokens", 32)
@@ -155,8 +157,9 @@ def generate_tokens(llm, job: dict) -> list[list[int]]:
     if "json_schemas" in job:
         params = [SamplingParams(temperature=0.0, max_tokens=n, structured_outputs=(
             StructuredOutputsParams(json=s) if s else None)) for s in job["json_schemas"]]
+    loras = [LoRARequest(*a) if a else None for a in job["loras"]] if "loras" in job else None
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params,
-                        use_tqdm=False)
+                        lora_request=loras, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
