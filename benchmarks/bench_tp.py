@@ -162,7 +162,8 @@ def child(tp: int, address: str, model: str, sizes: list[int], new_tokens: int,
 
     from vllm_ray_metal import RayMetalExecutor
 
-    ray.init(address=address, logging_level="ERROR")
+    if not ray.is_initialized():  # (a smoke runs both TP sizes in one process)
+        ray.init(address=address, logging_level="ERROR")
     llm = LLM(model=model, tensor_parallel_size=tp, distributed_executor_backend=RayMetalExecutor,
               max_model_len=512, kv_cache_memory_bytes=256 << 20, dtype="float32")
     info = llm.collective_rpc("node_info")
@@ -207,19 +208,22 @@ def child(tp: int, address: str, model: str, sizes: list[int], new_tokens: int,
             "tokens": first, "wall_ms_per_step": 1e3 * wall / steps,
             "engine_cpu_ms_per_step": 1e3 * engine_cpu / steps,
             "rank_cpu": cpu_split(used, steps)}
+    llm.llm_engine.engine_core.shutdown()  # free the ranks' units for the next LLM
     return {"system": f"tp{tp}", "by_prompts": by_size,
             "ranks": [{k: i[k] for k in ("host_ip", "weight_bytes")} for i in info]}
 
 
-def run(tp: int, model: str, args) -> dict:
+def run(tps: tuple[int, ...], model: str, args) -> dict:
+    """TP sizes ``tps``, one after the other in one child process on one private cluster
+    of ``max(tps)`` raylets: ``{"tp<n>": result}``."""
     from vllm_ray_metal.testing.cluster import LocalRayCluster
 
     # a private loopback cluster: no token auth (Ray 2.60 turns it on for a head node
     # once ~/.ray/auth_token exists), for the raylets and the driver alike
     env = {"VLLM_RAY_METAL_BLAS_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    with LocalRayCluster([(ip, {"METAL": 1}) for ip in NODES[:tp]], env=env).start(
+    with LocalRayCluster([(ip, {"METAL": 1}) for ip in NODES[:max(tps)]], env=env).start(
             timeout=240) as c:
-        return common.run_child(__file__, f"tp{tp}", [
+        return common.run_together(__file__, [f"tp{tp}" for tp in tps], [
             "--address", c.address, "--model", model, "--prompts", args.prompts,
             "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)],
             env=env)
@@ -269,8 +273,8 @@ def main() -> None:
         args.prompts, args.new_tokens, args.repeats = "2,3", 4, 1
     sizes = [int(n) for n in args.prompts.split(",")]
     if args.child:
-        common.emit(child(int(args.child[2:]), args.address, args.model, sizes,
-                          args.new_tokens, args.repeats))
+        common.emit_each(args.child, lambda name: child(
+            int(name[2:]), args.address, args.model, sizes, args.new_tokens, args.repeats))
         return
     from vllm_ray_metal import default_model
     from vllm_ray_metal.default_model import cache_root
@@ -278,11 +282,14 @@ def main() -> None:
     name = "bench-llama-tiny" if args.smoke else "bench-llama-1.1b"
     model = build_model(cache_root() / name, SMOKE if args.smoke else FULL, default_model())
     results = {}
-    for tp in (1, 2):
-        res = run(tp, model, args)
-        if "error" in res:
-            raise SystemExit(f"TP={tp} failed:\n{res['error']}")
-        results[f"tp{tp}"] = res
+    # A full run measures each TP size on its own cluster (TP=1 without an idle second
+    # raylet); a smoke runs the same child code for both in one process on one two-raylet
+    # cluster: one cluster start and one vLLM import instead of two.
+    for tps in [(1, 2)] if args.smoke else [(1,), (2,)]:
+        for name, res in run(tps, model, args).items():
+            if "error" in res:
+                raise SystemExit(f"{name} failed:\n{res['error']}")
+            results[name] = res
     one, two = results["tp1"], results["tp2"]
     same = all(one["by_prompts"][str(n)]["tokens"] == two["by_prompts"][str(n)]["tokens"]
                for n in sizes)

