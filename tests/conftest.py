@@ -136,9 +136,21 @@ TINY_TOKENS = 32
 
 
 @pytest.fixture(scope="session")
-def tiny_jobs(prompts, model_dir) -> list[dict]:
+def tiny_adapters(tiny, tmp_path_factory) -> list[list]:
+    """[name, id, path] of two LoRA adapters on the tiny model: PEFT's format (every
+    projection) and mlx-lm's (its last two layers)."""
+    from vllm_ray_metal.testing import lora
+
+    where = tmp_path_factory.mktemp("tiny-lora")
+    return [["peft", 1, lora.peft_adapter(where / "peft", tiny, size=0.3)],
+            ["mlx", 2, lora.mlx_lm_adapter(where / "mlx", tiny, num_layers=2, size=0.3)]]
+
+
+@pytest.fixture(scope="session")
+def tiny_jobs(prompts, model_dir, tiny_adapters) -> list[dict]:
     """What the multi-rank equality tests run on the tiny model: the chat prompts, the same
-    under JSON schemas (None: unconstrained), and two prompts of ~2k tokens."""
+    under JSON schemas (None: unconstrained), two prompts of ~2k tokens, and the chat
+    prompts twice over, on the two LoRA adapters and the base model in one batch."""
     from transformers import AutoTokenizer
 
     from vllm_ray_metal.testing.structured import PERSON, TAGS, WEATHER
@@ -149,14 +161,17 @@ def tiny_jobs(prompts, model_dir) -> list[dict]:
     return [{"prompts": prompts, "max_tokens": TINY_TOKENS},
             {"prompts": prompts, "max_tokens": TINY_TOKENS,
              "json_schemas": [cycle[i % 4] for i in range(len(prompts))]},
-            {"prompts": [ids[:1950], ids[500:2000]], "max_tokens": TINY_TOKENS}]
+            {"prompts": [ids[:1950], ids[500:2000]], "max_tokens": TINY_TOKENS},
+            {"prompts": prompts * 2, "max_tokens": TINY_TOKENS,
+             "loras": [(tiny_adapters + [None])[i % 3] for i in range(2 * len(prompts))]}]
 
 
 @pytest.fixture(scope="session")
 def tiny_llm() -> dict:
     """LLM arguments for :func:`tiny_jobs`: long enough for the 2k prompts, which run
-    chunked (in pieces, on the KV mirror)."""
-    return {"max_model_len": 2048, "max_num_batched_tokens": 1024}
+    chunked (in pieces, on the KV mirror); LoRA on, two adapter slots."""
+    return {"max_model_len": 2048, "max_num_batched_tokens": 1024, "enable_lora": True,
+            "max_loras": 2, "max_lora_rank": 8}
 
 
 @pytest.fixture(scope="session")

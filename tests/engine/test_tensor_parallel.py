@@ -39,16 +39,25 @@ def assert_ranks_split_the_model(res: dict, tp1: dict, tp: int) -> None:
 def test_tp2_equals_tp1_plain_constrained_and_at_2k_tokens(four_units, tiny, tiny_jobs,
                                                           tiny_llm, tiny_tp1):
     """TP=2 gives TP=1's tokens for the chat prompts; under JSON schemas (the bitmask
-    reaches every rank, applied to the vocabulary-gathered logits); and for ~2k-token
-    prompts (chunked, in pieces, on the KV mirror)."""
+    reaches every rank, applied to the vocabulary-gathered logits); for ~2k-token
+    prompts (chunked, in pieces, on the KV mirror); and on two LoRA adapters and the base
+    model in one batch (each rank holds its shard of every adapter)."""
     res = generate(four_units, tiny, {**tiny_llm, "tensor_parallel_size": 2}, tiny_jobs)
-    plain, constrained, long = res["jobs"]
+    plain, constrained, long, adapted = res["jobs"]
     assert plain == tiny_tp1["jobs"][0]
     assert all(len(o) == NEW_TOKENS for o in plain + long)
     assert constrained == tiny_tp1["jobs"][1]
     assert json_rows_start_with_a_brace(tiny, constrained, tiny_jobs[1]["json_schemas"])
     assert long == tiny_tp1["jobs"][2]
+    assert adapted == tiny_tp1["jobs"][3]
+    base = tiny_tp1["jobs"][0]
+    for i, loras in enumerate(tiny_jobs[3]["loras"]):  # base rows: the plain job's tokens
+        if loras is None:
+            assert adapted[i] == base[i % len(base)]
+    assert sum(adapted[i] != base[i % len(base)] for i in range(len(adapted))) >= 4
     assert_ranks_split_the_model(res, tiny_tp1, 2)
+    one = tiny_tp1["workers"][0]["lora_bytes"]
+    assert 0 < res["workers"][0]["lora_bytes"] < one  # the slots are sharded too
 
 
 @pytest.mark.ray
