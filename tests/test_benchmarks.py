@@ -111,6 +111,6 @@ def test_spec_smoke():
     assert data["same_tokens_with_and_without"]  # speculation changes speed, not tokens
     assert res["ours-ngram"]["acceptance_length"] >= 1
     for system in ("ours-ngram", "ours", "mlx-lm"):
-        assert len(res[system]["grounded_tok_s"]) == 3
+        assert len(res[system]["grounded_tok_s"]) == 1  # the smoke's one grounded ask
         assert all(v > 0 for v in res[system]["grounded_tok_s"])
     assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched"]
