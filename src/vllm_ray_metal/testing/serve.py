@@ -176,10 +176,12 @@ class ServeProcess:
 
 @contextmanager
 def served(model: str, log: Path, head_ip: str, worker_ip: str, kv_mib: int,
-           *args: str) -> Iterator[ServeProcess]:
-    """A two-node LocalRayCluster (the MLX worker on ``worker_ip``) and a healthy server."""
+           *args: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
+    """A two-node LocalRayCluster (the MLX worker on ``worker_ip``) and a healthy server
+    (``env``: variables the server gets besides this process's)."""
     with LocalRayCluster([(head_ip, {}), (worker_ip, {"METAL": 1})]) as cluster:
         with ServeProcess(cluster, model, log, "--max-model-len", "512",
-                          "--kv-cache-memory-bytes", str(kv_mib << 20), *args) as srv:
+                          "--kv-cache-memory-bytes", str(kv_mib << 20), *args,
+                          env=env) as srv:
             srv.wait_healthy()
             yield srv
