@@ -19,17 +19,30 @@ STEP_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_5_layers):
+def five(tiny_5_layers):
     return tiny_5_layers  # 5 layers: vLLM splits them unevenly ([3, 2] over two stages)
 
 
+@pytest.fixture(scope="module")
+def jobs(five, tiny_jobs, tmp_path_factory) -> list[dict]:
+    """The plain and the constrained job of ``tiny_jobs``, and the chat prompts on a PEFT
+    LoRA adapter of this model and on the base model in one batch."""
+    from vllm_ray_metal.testing import lora
+
+    path = lora.peft_adapter(tmp_path_factory.mktemp("pp-lora") / "peft", five, size=0.3)
+    prompts = tiny_jobs[0]["prompts"]
+    return [*tiny_jobs[:2], {"prompts": prompts * 2, "max_tokens": NEW_TOKENS,
+                             "loras": [["peft", 1, path]] * len(prompts)
+                             + [None] * len(prompts)}]
+
+
 def generate(c: LocalRayCluster, model: str, jobs: list[dict], **llm) -> dict:
-    """The plain and the constrained job of ``tiny_jobs`` (``res["outputs"]``,
-    ``res["constrained"]``)."""
+    """``jobs``' tokens (``res["outputs"]``, ``res["constrained"]``, ``res["adapted"]``)."""
     llm.setdefault("max_num_batched_tokens", STEP_TOKENS)
+    llm.update(enable_lora=True, max_loras=1, max_lora_rank=8)
     started = time.perf_counter()
-    res = scenarios.run("gen", c, "class", {"model": model, "jobs": jobs[:2], "llm": llm}).ok()
-    res["outputs"], res["constrained"] = res.pop("jobs")
+    res = scenarios.run("gen", c, "class", {"model": model, "jobs": jobs, "llm": llm}).ok()
+    res["outputs"], res["constrained"], res["adapted"] = res.pop("jobs")
     assert all(len(o) == NEW_TOKENS for o in res["outputs"])
     print(f"{Path(model).name} {llm}: ready {res['ready_s']:.1f} s, whole driver "
           f"{time.perf_counter() - started:.1f} s")
@@ -37,18 +50,24 @@ def generate(c: LocalRayCluster, model: str, jobs: list[dict], **llm) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_pp1(four_units, tiny, tiny_jobs):
-    return generate(four_units, tiny, tiny_jobs)
+def tiny_pp1(four_units, five, jobs):
+    res = generate(four_units, five, jobs)
+    n = len(res["outputs"])
+    assert res["adapted"][n:] == res["outputs"]  # base rows beside adapter rows
+    assert sum(a != b for a, b in zip(res["adapted"], res["outputs"])) >= 2
+    return res
 
 
 @pytest.mark.ray
-def test_pp2_equals_pp1_plain_and_constrained(four_units, tiny, tiny_jobs, tiny_pp1):
+def test_pp2_equals_pp1_plain_constrained_and_on_an_adapter(four_units, five, tiny_jobs,
+                                                            jobs, tiny_pp1):
     """PP=2 gives PP=1's tokens, also under JSON schemas (the last stage applies the
-    grammar bitmask)."""
-    res = generate(four_units, tiny, tiny_jobs, pipeline_parallel_size=2)
+    grammar bitmask) and on a LoRA adapter (each stage holds its layers' share)."""
+    res = generate(four_units, five, jobs, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
     assert res["constrained"] == tiny_pp1["constrained"]
-    assert json_rows_start_with_a_brace(tiny, res["constrained"], tiny_jobs[1]["json_schemas"])
+    assert res["adapted"] == tiny_pp1["adapted"]
+    assert json_rows_start_with_a_brace(five, res["constrained"], tiny_jobs[1]["json_schemas"])
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
     assert [w["layers"] for w in workers] == [[0, 3], [3, 5]]
@@ -60,16 +79,17 @@ def test_pp2_equals_pp1_plain_and_constrained(four_units, tiny, tiny_jobs, tiny_
         [3 * per_layer, 2 * per_layer], rel=1e-6)
     # tied embeddings: on the first stage (input) and the last (output); the final norm
     # only on the last stage
-    embed = full["weight_bytes"] - full["layer_weight_bytes"]
+    embed = full["weight_bytes"] - full["layer_weight_bytes"] - full["lora_bytes"]
     assert sum(w["weight_bytes"] for w in workers) == pytest.approx(
         full["weight_bytes"] + embed, rel=1e-3)
 
 
 @pytest.mark.ray
-def test_tp2_pp2_equals_tp1(four_units, tiny, tiny_jobs, tiny_pp1):
-    res = generate(four_units, tiny, tiny_jobs, tensor_parallel_size=2, pipeline_parallel_size=2)
+def test_tp2_pp2_equals_tp1(four_units, five, jobs, tiny_pp1):
+    res = generate(four_units, five, jobs, tensor_parallel_size=2, pipeline_parallel_size=2)
     assert res["outputs"] == tiny_pp1["outputs"]
     assert res["constrained"] == tiny_pp1["constrained"]
+    assert res["adapted"] == tiny_pp1["adapted"]
     workers = res["workers"]
     assert [w["rank"] for w in workers] == [0, 1, 2, 3]
     assert [w["layers"] for w in workers] == [[0, 3], [0, 3], [3, 5], [3, 5]]
@@ -80,8 +100,8 @@ def test_tp2_pp2_equals_tp1(four_units, tiny, tiny_jobs, tiny_pp1):
 
 
 @pytest.mark.unit
-def test_more_stages_than_layers_is_rejected(tiny):
-    msg = config_error(tiny, max_model_len=256, pipeline_parallel_size=6,
+def test_more_stages_than_layers_is_rejected(five):
+    msg = config_error(five, max_model_len=256, pipeline_parallel_size=6,
                        distributed_executor_backend="ray")
     assert "pipeline_parallel_size <= 5" in msg
 

@@ -98,10 +98,10 @@ def row_sharded_linears() -> tuple[type, ...]:
     return (nn.ShardedToAllLinear, nn.QuantizedShardedToAllLinear)
 
 
-def linear_layout(module: Any) -> tuple[str, int, int, Any]:
-    """(kind, input features, output features, group) of a (sharded, quantized) linear
-    layer, this rank's share: kind ``column`` (``AllToSharded*``: output sharded),
-    ``row`` (``ShardedToAll*``: input sharded, output all-reduced) or ``plain``."""
+def linear_layout(module: Any) -> tuple[str, int, int]:
+    """(kind, input features, output features) of a (sharded, quantized) linear layer,
+    this rank's share: kind ``column`` (``AllToSharded*``: output sharded), ``row``
+    (``ShardedToAll*``: input sharded, output all-reduced) or ``plain``."""
     import mlx.nn as nn
     from mlx.nn.layers import distributed
 
@@ -110,11 +110,11 @@ def linear_layout(module: Any) -> tuple[str, int, int, Any]:
         in_dims = in_dims * 32 // module.bits
     if isinstance(module, (distributed.AllToShardedLinear,
                            distributed.QuantizedAllToShardedLinear)):
-        return "column", in_dims, out_dims, module.group
+        return "column", in_dims, out_dims
     if isinstance(module, row_sharded_linears()):
-        return "row", in_dims, out_dims, module.group
+        return "row", in_dims, out_dims
     if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-        return "plain", in_dims, out_dims, None
+        return "plain", in_dims, out_dims
     raise TypeError(f"{type(module).__name__} is not a linear layer LoRA can wrap")
 
 

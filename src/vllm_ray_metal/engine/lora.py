@@ -65,10 +65,13 @@ class Adapter:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def describe_targets(model: nn.Module, first_layer: int = 0) -> list[tuple[nn.Module, str, Target]]:
+def describe_targets(model: nn.Module, first_layer: int = 0, tp_rank: int = 0,
+                     tp_size: int = 1) -> list[tuple[nn.Module, str, Target]]:
     """Every LoRA-able projection of ``model``'s decoder layers: (parent, attribute, target).
 
     Called on the loaded (and sharded) model before any CPU wrapper hides the layer types.
+    ``tp_rank`` / ``tp_size``: this rank's place among the ranks that shard a layer (with
+    pipeline stages a row-sharded layer's group is the global one, not its shards').
     """
     out = []
     for i, layer in enumerate(model.model.layers):
@@ -78,8 +81,11 @@ def describe_targets(model: nn.Module, first_layer: int = 0) -> list[tuple[nn.Mo
                 module = getattr(parent, name, None) if parent is not None else None
                 if module is None or "weight" not in module:
                     continue
-                kind, in_dims, out_dims, group = compat_mlx.linear_layout(module)
-                rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+                kind, in_dims, out_dims = compat_mlx.linear_layout(module)
+                if kind == "plain":
+                    rank, size = 0, 1
+                else:
+                    rank, size = tp_rank, tp_size
                 in_full = in_dims * size if kind == "row" else in_dims
                 out_full = out_dims * size if kind == "column" else out_dims
                 out.append((parent, name, Target(first_layer + i, f"{block}.{name}", kind,
@@ -275,7 +281,7 @@ class LoRASlots:
     first out unless pinned) and active ones (``max_loras`` slots in the model)."""
 
     def __init__(self, model: nn.Module, lora_config, dtype: mx.Dtype, first_layer: int,
-                 num_layers: int) -> None:
+                 num_layers: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         self.max_loras = lora_config.max_loras
         self.max_rank = lora_config.max_lora_rank
         self.max_cpu = max(lora_config.max_cpu_loras or self.max_loras, self.max_loras)
@@ -284,7 +290,7 @@ class LoRASlots:
         self.rows = RowSlots()
         self.wrappers: dict[tuple[int, str], LoRAProjection] = {}
         self.targets: dict[tuple[int, str], Target] = {}
-        self._pending = describe_targets(model, first_layer)  # wrapped by wrap()
+        self._pending = describe_targets(model, first_layer, tp_rank, tp_size)  # for wrap()
         for _, _, target in self._pending:
             self.targets[(target.layer, target.path)] = target
         self.read: OrderedDict[int, Adapter] = OrderedDict()  # lora id -> adapter, LRU order

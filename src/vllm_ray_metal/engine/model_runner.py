@@ -70,9 +70,12 @@ class MLXModelRunner:
         else:
             self.model = model_loader.load(model, dtype_name, self.group, revision)
         if self.vllm_config.lora_config is not None:  # (layer types read before CPU wrappers)
+            tp = self.vllm_config.parallel_config.tensor_parallel_size
             self.lora = lora.LoRASlots(self.model, self.vllm_config.lora_config, self.dtype,
                                        self.stage_layers()[0],
-                                       self.model_config.get_total_num_hidden_layers())
+                                       self.model_config.get_total_num_hidden_layers(),
+                                       self.stage.tp_rank if self.stage else
+                                       (self.group.rank() if self.group else 0), tp)
         tuned = cpu.install(self.model, self.dtype)  # Linux CPU backend only; {} on Metal
         if self.lora is not None:
             tuned = {**tuned, "lora": self.lora.wrap()}
