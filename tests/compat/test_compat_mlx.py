@@ -68,3 +68,22 @@ def test_sharded_linear_types_are_what_shard_makes():
     row = shard_linear(nn.Linear(8, 4), "sharded-to-all", group=group)
     assert type(column) is compat_mlx.column_sharded_linear()
     assert type(row) in compat_mlx.row_sharded_linears() and hasattr(row, "group")
+
+
+def test_linear_layouts_and_the_row_sharded_call_split_in_two():
+    from mlx.nn.layers.distributed import shard_linear
+
+    group = mx.distributed.init()  # a one-process group: the sharded classes, whole weights
+    plain = nn.Linear(64, 32)
+    assert compat_mlx.linear_layout(plain) == ("plain", 64, 32)
+    assert compat_mlx.linear_layout(nn.QuantizedLinear.from_linear(plain)) == ("plain", 64, 32)
+    column = shard_linear(plain, "all-to-sharded", group=group)
+    assert compat_mlx.linear_layout(column) == ("column", 64, 32)
+    row = shard_linear(plain, "sharded-to-all", group=group)
+    assert isinstance(row, compat_mlx.row_sharded_linears())
+    assert compat_mlx.linear_layout(row) == ("row", 64, 32)
+    x = mx.random.normal((2, 3, 64), key=mx.random.key(1))
+    for layer in (row, nn.QuantizedShardedToAllLinear.from_quantized_linear(
+            nn.QuantizedLinear.from_linear(plain), group=group)):
+        split = compat_mlx.row_sharded_finish(layer, compat_mlx.row_sharded_partial(layer, x))
+        assert mx.allclose(split, layer(x), atol=1e-5)

@@ -311,3 +311,58 @@ def test_message_queue_round_trip_across_threads():
     start = time.perf_counter()
     writer.enqueue({"x": 1})
     assert reader.dequeue(timeout=5) == {"x": 1} and time.perf_counter() - start < 5
+
+
+def test_a_new_offline_adapter_is_read_through_add_lora_before_admission(monkeypatch):
+    import functools
+
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    assert "lora_request" in inspect.signature(LLMEngine.add_request).parameters
+    admitted = []
+
+    @functools.wraps(LLMEngine.add_request)  # (same signature)
+    def recorded(self, request_id, prompt, params, *args, **kwargs):
+        admitted.append(request_id)
+        return request_id
+
+    monkeypatch.setattr(LLMEngine, "add_request", recorded)
+    compat_vllm.read_adapters_before_admission()
+    compat_vllm.read_adapters_before_admission()  # idempotent
+    read = []
+
+    class Engine:
+        def add_lora(self, request):
+            if request.lora_path == "bad":
+                raise RuntimeError("LoRA adapter 'b' (bad): no such directory")
+            read.append(request.lora_int_id)
+
+    engine = Engine()
+    good = SimpleNamespace(lora_int_id=7, lora_path="good")
+    LLMEngine.add_request(engine, "r1", "hi", None, lora_request=good)
+    LLMEngine.add_request(engine, "r2", "hi", None, None, good)  # positional, read once
+    LLMEngine.add_request(engine, "r3", "hi", None)
+    with pytest.raises(RuntimeError, match="no such directory"):
+        LLMEngine.add_request(engine, "r4", "hi", None,
+                              lora_request=SimpleNamespace(lora_int_id=8, lora_path="bad"))
+    assert read == [7] and admitted == ["r1", "r2", "r3"]  # r4 never reached the engine
+
+
+@pytest.mark.parametrize("message, code", [
+    ("Call to add_lora method failed: LoRA adapter 'x' (/p): rank 16 is above", 400),
+    ("Call to add_lora method failed: something else broke", 500)])
+def test_bad_adapter_loads_answer_400(monkeypatch, message, code):
+    import asyncio
+    from http import HTTPStatus
+
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve import create_error_response
+
+    async def failing(self, request, base_model_name=None):
+        return create_error_response(message=message, err_type="InternalServerError",
+                                     status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    monkeypatch.setattr(OpenAIServingModels, "load_lora_adapter", failing)
+    compat_vllm.serve_bad_adapters_as_400()
+    out = asyncio.run(OpenAIServingModels.load_lora_adapter(None, None))
+    assert out.error.code == code and out.error.message == message
