@@ -114,3 +114,10 @@ def test_spec_smoke():
         assert len(res[system]["grounded_tok_s"]) == 1  # the smoke's one grounded ask
         assert all(v > 0 for v in res[system]["grounded_tok_s"])
     assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched"]
+
+
+def test_lora_smoke():
+    data = run_smoke("bench_lora.py")
+    rates = data["results"]["lora-on"]["tok_s"]
+    assert set(rates) == {"base", "adapters"} and all(v > 0 for v in rates.values())
+    assert data["rows"][0]["id"] == "L1"
