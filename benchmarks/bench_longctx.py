@@ -158,18 +158,20 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     levels = [int(x) for x in args.levels.split(",")]
     if args.child:
-        if args.child == "mlx-lm":
-            common.emit(child_mlx(lengths, levels, args.new_tokens, args.repeats))
-        else:
-            common.emit(child_vllm(args.child, lengths, levels, args.new_tokens, args.repeats))
+        common.emit_each(args.child, lambda s: child_mlx(
+            lengths, levels, args.new_tokens, args.repeats) if s == "mlx-lm" else child_vllm(
+            s, lengths, levels, args.new_tokens, args.repeats))
         return
 
     child_args = ["--lengths", args.lengths, "--levels", args.levels,
                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     env = {"vllm-cpu": {"VLLM_RAY_METAL_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "6"}}
     systems = args.systems.split(",")
-    results = {s: common.run_child(__file__, s, child_args, env.get(s), timeout=4 * 3600)
-               for s in systems}
+    # one process a system; a smoke runs mlx-lm, then ours, in one (mlx-lm first: its BLAS
+    # is loaded before anything imports MLX, as in its own process): one Python start
+    groups = [["mlx-lm", "ours"]] if args.smoke else [[s] for s in systems]
+    results = {s: r for g in groups for s, r in common.run_together(
+        __file__, g, child_args, env.get(g[0]), timeout=4 * 3600).items()}
     for s, r in results.items():
         if "error" in r:
             raise SystemExit(f"{s} failed:\n{r['error']}")
