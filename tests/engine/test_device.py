@@ -63,6 +63,7 @@ def _worker(kv_bytes=None, fraction=0.5, max_model_len=4096):
 
     runner = MLXModelRunner.__new__(MLXModelRunner)
     runner.weight_bytes, runner.block_size, runner.dtype = 3 * GIB, 16, mx.float32
+    runner.lora = None
     runner.model_config = SimpleNamespace(max_model_len=max_model_len)
     runner.kv_layout = lambda: (30, 3, 64)
     worker = MLXWorker.__new__(MLXWorker)
@@ -82,8 +83,10 @@ def test_kv_cache_gets_a_share_of_the_working_set(mac, monkeypatch):
     monkeypatch.setenv("VLLM_RAY_METAL_KV_MIRROR", "0")  # every byte to vLLM's blocks
     assert worker.determine_available_memory() == 8 * GIB
     assert worker.model_runner.mirror_budget == 0
+    worker.model_runner.lora = SimpleNamespace(cache_bytes=GIB)  # adapters kept read
+    assert worker.determine_available_memory() == 7 * GIB
     worker.cache_config.gpu_memory_utilization = 0.1  # 2.2 GiB < the weights
-    with pytest.raises(ValueError, match="--gpu-memory-utilization"):
+    with pytest.raises(ValueError, match="--gpu-memory-utilization.*--max-cpu-loras"):
         worker.determine_available_memory()
 
 

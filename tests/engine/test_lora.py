@@ -237,11 +237,13 @@ def test_rows_get_their_own_slot_and_slot_0_is_the_base():
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_a_rank_keeps_its_share_of_an_adapter(kind):
     target = engine_lora.Target(0, "self_attn.o_proj", kind, 8, 6, 1, 2)  # rank 1 of 2
+    a, b = mx.arange(16, dtype=mx.float32).reshape(8, 2), mx.arange(12, dtype=mx.float32).reshape(2, 6)
+    got_a, got_b = target.share(a, b)
+    if kind == "column":  # output columns 3..5 of B, all of A
+        assert mx.array_equal(got_a, a) and mx.array_equal(got_b, b[:, 3:])
+    else:  # input rows 4..7 of A, all of B
+        assert mx.array_equal(got_a, a[4:]) and mx.array_equal(got_b, b)
     wrapped = engine_lora.LoRAProjection(nn.Linear(8, 6), target, 1, 2, mx.float32,
                                          engine_lora.RowSlots())
-    a, b = mx.arange(16, dtype=mx.float32).reshape(8, 2), mx.arange(12, dtype=mx.float32).reshape(2, 6)
-    wrapped.load_slot(1, a, b)
-    if kind == "column":  # output rows 3..5 of B, all of A
-        assert mx.array_equal(wrapped.lora_a[1], a) and mx.array_equal(wrapped.lora_b[1], b[:, 3:])
-    else:  # input rows 4..7 of A, all of B
-        assert mx.array_equal(wrapped.lora_a[1], a[4:]) and mx.array_equal(wrapped.lora_b[1], b)
+    wrapped.load_slot(1, got_a, got_b)  # the slot holds exactly the share
+    assert mx.array_equal(wrapped.lora_a[1], got_a) and mx.array_equal(wrapped.lora_b[1], got_b)

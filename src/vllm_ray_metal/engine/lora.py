@@ -49,10 +49,21 @@ class Target:
     tp_rank: int
     tp_size: int
 
+    def share(self, a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+        """This rank's part of full-size A and B: the rows of A a row-sharded layer reads,
+        the columns of B a column-sharded one writes."""
+        if self.kind == "row":
+            part = self.in_full // self.tp_size
+            a = a[self.tp_rank * part:(self.tp_rank + 1) * part]
+        elif self.kind == "column":
+            part = self.out_full // self.tp_size
+            b = b[:, self.tp_rank * part:(self.tp_rank + 1) * part]
+        return a, b
+
 
 @dataclass
 class Adapter:
-    """An adapter read from disk, full size: {(layer, path): (A [in, r], B [r, out])}."""
+    """An adapter read from disk, this rank's share: {(layer, path): (A [in, r], B [r, out])}."""
 
     lora_id: int
     name: str
@@ -146,7 +157,7 @@ def read_adapter(lora_id: int, name: str, path: str, max_rank: int,
                 f"{label}: layer {layer} {module} maps {a.shape[0]} -> {b.shape[1]} "
                 f"features, the base model's {target.in_full} -> {target.out_full}: the "
                 "adapter was trained on another base model.")
-        weights[key] = (a.astype(dtype), (b * scale).astype(dtype))
+        weights[key] = target.share(a.astype(dtype), (b * scale).astype(dtype))
     if not tensors:
         raise ValueError(f"{label}: the weights file holds no LoRA matrices.")
     return Adapter(lora_id, name, str(where), rank, weights)
@@ -241,18 +252,11 @@ class LoRAProjection(nn.Module):
         object.__setattr__(self, "_rows", rows)  # not a child module
 
     def load_slot(self, slot: int, a: mx.array | None, b: mx.array | None) -> None:
-        """Put an adapter's full-size matrices (None: zeros) in ``slot``, this rank's share."""
-        t = self.target
+        """Put an adapter's matrices, this rank's share (None: zeros), in ``slot``."""
         if a is None:
             self.lora_a[slot] = 0
             self.lora_b[slot] = 0
             return
-        if t.kind == "row":
-            part = t.in_full // t.tp_size
-            a = a[t.tp_rank * part:(t.tp_rank + 1) * part]
-        elif t.kind == "column":
-            part = t.out_full // t.tp_size
-            b = b[:, t.tp_rank * part:(t.tp_rank + 1) * part]
         r = a.shape[1]
         self.lora_a[slot] = 0
         self.lora_b[slot] = 0
@@ -307,6 +311,13 @@ class LoRASlots:
         self._pending = []
         mx.eval([(w.lora_a, w.lora_b) for w in self.wrappers.values()])
         return len(self.wrappers)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the read adapters may take: ``max_cpu_loras`` adapters of the largest
+        size a slot holds (on a Mac the same memory as the KV cache's)."""
+        return self.max_cpu * sum(w.lora_a[0].nbytes + w.lora_b[0].nbytes
+                                  for w in self.wrappers.values())
 
     # ---- the worker's LoRA calls ----------------------------------------------------
     def add(self, lora_request, keep: frozenset[int] = frozenset()) -> bool:

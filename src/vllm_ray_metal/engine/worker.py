@@ -82,20 +82,26 @@ class MLXWorker(WorkerBase):
         less the mirror's share (``MLXModelRunner.split_kv_budget``).
 
         The fraction is vLLM's ``gpu_memory_utilization``, applied to the memory MLX may
-        use when the worker started, minus the weights just loaded.
+        use when the worker started, minus the weights just loaded (LoRA slots included)
+        and the adapters ``max_cpu_loras`` may keep read.
         """
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
             return self.model_runner.split_kv_budget(int(explicit),
                                                      self.get_cache_block_size_bytes())
         fraction = self.cache_config.gpu_memory_utilization
-        budget = int(fraction * self.memory_at_start) - self.model_runner.weight_bytes
+        runner = self.model_runner
+        adapters = runner.lora.cache_bytes if runner.lora is not None else 0
+        budget = int(fraction * self.memory_at_start) - runner.weight_bytes - adapters
         if budget <= 0:
             raise ValueError(
                 f"No memory left for the KV cache: {fraction:.0%} of "
                 f"{self.memory_at_start / 2**30:.1f} GiB is less than the model's "
-                f"{self.model_runner.weight_bytes / 2**30:.1f} GiB of weights. Raise "
-                "--gpu-memory-utilization or set --kv-cache-memory-bytes.")
+                f"{runner.weight_bytes / 2**30:.1f} GiB of weights"
+                + (f" and {adapters / 2**30:.1f} GiB of LoRA adapters" if adapters else "")
+                + ". Raise --gpu-memory-utilization or set --kv-cache-memory-bytes"
+                + (" (or lower --max-loras / --max-cpu-loras / --max-lora-rank)."
+                   if adapters else "."))
         return self.model_runner.split_kv_budget(budget, self.get_cache_block_size_bytes())
 
     def get_cache_block_size_bytes(self) -> int:
