@@ -1,6 +1,6 @@
 """LoRA adapters through the MLX runner on the default model, against independent
 references: transformers + PEFT for a PEFT adapter, mlx-lm with the adapter for an mlx-lm
-one. (TP=2 = TP=1 with adapters: test_tensor_parallel.py; served: tests/serve/test_lora.py.)"""
+one. (TP=2 = TP=1 with adapters: test_tensor_parallel.py; served: tests/serve/test_serve_lora.py.)"""
 
 from __future__ import annotations
 
