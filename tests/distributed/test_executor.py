@@ -57,6 +57,10 @@ def test_qualname_ray_and_auto_selection(two_nodes, reference_tokens, backend):
     (worker,) = res["workers"]
     assert worker["host_ip"] == "127.0.0.3"  # Ray's address of the node, not the driver's
     assert res["engine_core"] == "InprocClient"  # config.py: no engine process to spawn
+    # the worker monitor is joined after the workers are killed (compat/vllm_executor.py),
+    # not after waiting out its 5 s poll
+    print(f"engine shutdown: {res['shutdown_s']:.2f} s")
+    assert res["shutdown_s"] < 2.0
     if mismatch:
         assert "differs from this process's Ray node address" in err
 

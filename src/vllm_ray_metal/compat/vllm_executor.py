@@ -68,6 +68,19 @@ class HookedRayExecutor(RayExecutorV2):
     def actor_instance_id(self) -> str:
         return self.vllm_config.instance_id
 
+    # ---- shutdown -----------------------------------------------------------------
+    # RayExecutorV2.shutdown joins the worker monitor (RayExecutorV2._join_monitor_thread)
+    # before it kills the workers, and the monitor sits in a 5 s ray.wait poll: every
+    # engine shutdown waited 0-5 s for nothing. Killing the workers first ends that wait at
+    # once (their run refs fail, the monitor sees shutting_down and returns); Ray itself
+    # is not torn down before the join, which is what the upstream order protects against.
+    def _join_monitor_thread(self) -> None:
+        """Deferred: :meth:`shutdown` joins the monitor after the workers are killed."""
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        RayExecutorV2._join_monitor_thread(self)
+
     def after_start(self) -> None:
         """Called once every worker is up and the monitor runs."""
 

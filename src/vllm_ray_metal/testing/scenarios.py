@@ -211,7 +211,9 @@ def offline(scenario: str, address: str, node_ip: str, backend: str, opts: dict)
             result["token_ids"] = list(outs[0].outputs[0].token_ids)
         result["workers"] = llm.collective_rpc("node_info")
         result["engine_core"] = type(llm.llm_engine.engine_core).__name__
+        stopping = time.perf_counter()
         llm.llm_engine.engine_core.shutdown()
+        result["shutdown_s"] = time.perf_counter() - stopping
 
 
 def recorder(served: dict, tokens: dict):
