@@ -110,7 +110,7 @@ def main() -> None:
              "ratio": f"{on['adapters'] / on['base']:.2f}", "target": "≥ 0.8"}]
     if "lora-off" in results:
         off = results["lora-off"]["tok_s"]["base"]
-        rows.append({"id": "L1", "measure": "the same requests on the base model, engine with "
+        rows.append({"id": "L1 base", "measure": "the same requests on the base model, engine with "
                      "LoRA on ÷ LoRA off", "figure": f"{on['base']:.1f} vs {off:.1f} tok/s",
                      "ratio": f"{on['base'] / off:.2f}", "target": "report"})
     payload = {"results": results, "rows": rows, "concurrent": args.concurrent,
