@@ -10,7 +10,7 @@ use different slots). Scales are folded into ``B`` when an adapter is read.
 Adapters are read in two formats: PEFT's (``adapter_config.json`` +
 ``adapter_model.safetensors``) and mlx-lm's (``adapter_config.json`` +
 ``adapters.safetensors``). Tensor parallel shards an adapter like the layer it wraps: a
-column-sharded projection takes its rows of ``B``, a row-sharded one its rows of ``A``
+column-sharded projection keeps its columns of ``B``, a row-sharded one its rows of ``A``
 and adds its partial delta before the layer's all-reduce (no extra collective).
 """
 
@@ -328,10 +328,10 @@ class LoRASlots:
         if lora_id in self.read and not getattr(lora_request, "load_inplace", False):
             self.read.move_to_end(lora_id)
             return False
-        self.remove(lora_id)  # (a reload in place)
         adapter = read_adapter(lora_id, lora_request.lora_name, lora_request.lora_path,
                                self.max_rank, self.targets, self.num_layers, self.dtype)
         mx.eval([w for pair in adapter.weights.values() for w in pair])
+        self.remove(lora_id)  # a reload in place: the old weights go once the new are read
         while len(self.read) >= self.max_cpu:
             victim = next((i for i in self.read if i not in self.pinned and i not in keep),
                           None)
