@@ -73,7 +73,7 @@ def test_run_time_load_use_unload_and_bad_adapters(server, model_dir, prompts,
     assert complete(server.base, "late", prompts[0]) == \
         lora.peft_greedy(model_dir, path, prompts[:1], NEW_TOKENS)[0]
 
-    # bad adapters: 400 (404 for a missing one is vLLM's own), fast, naming the problem,
+    # bad adapters (a missing directory too): 400, fast, naming the problem,
     # while a request on an adapter runs
     big = lora.peft_adapter(tmp_path / "rank16", model_dir, rank=16, targets=["q_proj"])
     other_shape = tmp_path / "other"
