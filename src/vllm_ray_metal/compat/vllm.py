@@ -199,7 +199,7 @@ def read_adapters_before_admission() -> None:
     LLMEngine.add_request = add_request
 
 
-LORA_REFUSAL = "LoRA adapter "  # how every add_lora refusal of our workers begins
+LORA_REFUSAL = "LoRA adapter "  # in every add_lora refusal of our workers (engine/lora.py)
 
 
 # OpenAIServingModels.load_lora_adapter answers 500 InternalServerError for any add_lora
