@@ -4,6 +4,8 @@ independent references (transformers + PEFT, mlx-lm with the adapter)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -78,7 +80,23 @@ def peft_greedy(model_dir: str, adapter: str, prompts: list[list[int]], n: int) 
 
 
 def mlx_lm_greedy(model_dir: str, adapter: str, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """mlx-lm's own greedy decoding with the adapter loaded by mlx-lm (fp32)."""
+    """mlx-lm's own greedy decoding with the adapter loaded by mlx-lm (fp32), in a fresh
+    process: MLX binds its BLAS when first imported, and a test process has long imported
+    it on MLX's bundled one (the CPU room's library, when tuning is on, is loaded first)."""
+    code = ("import json, sys\n"
+            "from vllm_ray_metal import cpu\n"
+            "cpu.preload()\n"
+            "from vllm_ray_metal.testing.lora import _mlx_lm_greedy\n"
+            "print(json.dumps(_mlx_lm_greedy(*json.loads(sys.stdin.read()))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         input=json.dumps([model_dir, adapter, prompts, n]), timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"mlx-lm reference failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mlx_lm_greedy(model_dir: str, adapter: str, prompts: list[list[int]],
+                   n: int) -> list[list[int]]:
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import generate_step
