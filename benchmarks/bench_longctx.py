@@ -153,7 +153,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         # 72 tokens: 4.5 blocks, so the cached rerun still recomputes a partial block
-        args.lengths, args.levels, args.new_tokens, args.repeats = "72", "1,2", 4, 1
+        # (12 new tokens: the decode time, a difference of two runs, well above the noise)
+        args.lengths, args.levels, args.new_tokens, args.repeats = "72", "1,2", 12, 1
         args.systems = "ours,mlx-lm"
     lengths = [int(x) for x in args.lengths.split(",")]
     levels = [int(x) for x in args.levels.split(",")]
