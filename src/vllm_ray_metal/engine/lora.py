@@ -253,13 +253,11 @@ class LoRAProjection(nn.Module):
 
     def load_slot(self, slot: int, a: mx.array | None, b: mx.array | None) -> None:
         """Put an adapter's matrices, this rank's share (None: zeros), in ``slot``."""
-        if a is None:
-            self.lora_a[slot] = 0
-            self.lora_b[slot] = 0
-            return
-        r = a.shape[1]
         self.lora_a[slot] = 0
         self.lora_b[slot] = 0
+        if a is None:
+            return
+        r = a.shape[1]
         self.lora_a[slot, :, :r] = a
         self.lora_b[slot, :r, :] = b
 
@@ -369,6 +367,7 @@ class LoRASlots:
     # ---- per step ---------------------------------------------------------------------
     def activate(self, lora_requests: dict[int, object]) -> None:
         """Give every adapter of this step a slot (reading it first if needed)."""
+        changed = False
         for lora_id, request in lora_requests.items():
             if lora_id in self.slot_of:
                 continue
@@ -383,6 +382,8 @@ class LoRASlots:
             for key, w in self.wrappers.items():
                 w.load_slot(slot, *adapter.weights.get(key, (None, None)))
             self.slot_of[lora_id] = slot
+            changed = True
+        if changed:  # every slot written this step, in one evaluation
             mx.eval([(w.lora_a, w.lora_b) for w in self.wrappers.values()])
         for lora_id in lora_requests:
             self.read.move_to_end(lora_id)
