@@ -1,8 +1,11 @@
-"""Speculative decoding (n-gram prompt lookup) under vLLM's scheduler: what it generates
-equals what non-speculative decoding generates, and it actually accepts proposals.
+"""Speculative decoding (n-gram prompt lookup, and a draft model) under vLLM's
+scheduler: what it generates equals what non-speculative decoding generates, and it
+actually accepts proposals.
 
 The reference is the same model without ``speculative_config`` (greedy: token for token,
-logprobs too), and jsonschema for constrained output.
+logprobs too), and jsonschema for constrained output. The draft model is the default
+model without one of its 30 layers: it agrees with the target often but not always, so
+steps accept some drafts and reject others.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import StructuredOutputsParams
 
 from vllm_ray_metal.testing.llm import make_llm, shutdown_llm
-from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids
+from vllm_ray_metal.testing.models import CHAT_PROMPTS, chat_token_ids, layer_subset
 from vllm_ray_metal.testing.structured import PROMPTS, WEATHER
 
 pytestmark = pytest.mark.engine
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
 NEW_TOKENS = 40
+BLOCK_BYTES = 16 * 2 * 30 * 3 * 64 * 4  # SmolLM2 fp32, 16 tokens
 
 
 def greedy(n: int = NEW_TOKENS, **kw) -> SamplingParams:
@@ -127,9 +131,72 @@ def test_prefix_hits_and_preemption_under_speculation(model_dir, plain, prompts)
     """Rejected drafts' KV slots are rewritten, preempted requests recompute, and
     prefix-cache hits skip blocks: outputs stay the non-speculative ones."""
     short = [p[:60] for p in prompts[2:6]]
-    block_bytes = 16 * 2 * 30 * 3 * 64 * 4  # SmolLM2 fp32, 16 tokens
     tight = make_llm(model_dir, max_model_len=128, speculative_config=NGRAM,
-                     disable_log_stats=False, kv_cache_memory_bytes=12 * block_bytes)
+                     disable_log_stats=False, kv_cache_memory_bytes=12 * BLOCK_BYTES)
+    try:
+        together = [list(o.token_ids) for o in generate(tight, short, greedy())]
+        preemptions = counter(tight, "vllm:num_preemptions")
+        again = generate(tight, short[:1], greedy())[0]
+    finally:
+        shutdown_llm(tight)
+    reference = [list(o.token_ids) for o in generate(plain, short, greedy())]
+    assert preemptions > 0
+    assert together == reference
+    assert list(again.token_ids) == reference[0]
+
+
+@pytest.fixture(scope="module")
+def draft_config(model_dir, tmp_path_factory) -> dict:
+    skip_one = layer_subset(tmp_path_factory.mktemp("draft") / "skip15", model_dir,
+                            [i for i in range(30) if i != 15])
+    return {"method": "draft_model", "model": skip_one, "num_speculative_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def drafted(model_dir, draft_config):
+    engine = make_llm(model_dir, speculative_config=draft_config, disable_log_stats=False)
+    yield engine
+    shutdown_llm(engine)
+
+
+def test_draft_model_greedy_equals_non_speculative_batched_and_alone(plain, drafted,
+                                                                     prompts):
+    reference = [list(o.token_ids) for o in generate(plain, prompts, greedy())]
+    drafts_before = counter(drafted, "vllm:spec_decode_num_draft_tokens")
+    accepted_before = counter(drafted, "vllm:spec_decode_num_accepted_tokens")
+    together = [list(o.token_ids) for o in generate(drafted, prompts, greedy())]
+    drafted_n = counter(drafted, "vllm:spec_decode_num_draft_tokens") - drafts_before
+    accepted = counter(drafted, "vllm:spec_decode_num_accepted_tokens") - accepted_before
+    print(f"drafted {drafted_n:.0f}, accepted {accepted:.0f}")
+    assert together == reference
+    assert NEW_TOKENS < accepted < drafted_n  # some steps keep drafts, others reject them
+    alone = [list(generate(drafted, [p], greedy())[0].token_ids) for p in prompts[::3]]
+    assert alone == reference[::3]
+
+
+def test_draft_model_logprobs_and_seeded_sampling(plain, drafted, prompts):
+    params = greedy(24, logprobs=3)
+    ref, got = generate(plain, prompts[:3], params), generate(drafted, prompts[:3], params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for a, b in zip(got, ref):
+        for pa, pb in zip(a.logprobs, b.logprobs):
+            assert pa.keys() == pb.keys()
+            assert max(abs(pa[t].logprob - pb[t].logprob) for t in pa) < 1e-3
+    seeded = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=24,
+                            ignore_eos=True)
+    first = [o.token_ids for o in generate(drafted, prompts[:3], seeded)]
+    assert first == [o.token_ids for o in generate(drafted, prompts[:3], seeded)]
+
+
+def test_draft_model_under_prefix_hits_and_preemption(model_dir, plain, prompts,
+                                                      draft_config):
+    """A preempted request's draft KV is rebuilt in its new blocks; a prefix-cache hit
+    gives the target's KV only, so the draft catches up over the whole prompt."""
+    short = [p[:60] for p in prompts[2:6]]
+    draft_block = 16 * 2 * 29 * 3 * 64 * 4
+    tight = make_llm(model_dir, max_model_len=128, speculative_config=draft_config,
+                     disable_log_stats=False,
+                     kv_cache_memory_bytes=12 * (BLOCK_BYTES + draft_block))
     try:
         together = [list(o.token_ids) for o in generate(tight, short, greedy())]
         preemptions = counter(tight, "vllm:num_preemptions")

@@ -19,8 +19,8 @@ import torch
 
 from vllm_ray_metal import cpu, envs
 from vllm_ray_metal.compat import vllm as compat_vllm
-from vllm_ray_metal.engine import (grammar, logprobs, lora, model_loader, pipeline, pooling,
-                                   sampler, speculative, step_plan)
+from vllm_ray_metal.engine import (draft, grammar, logprobs, lora, model_loader, pipeline,
+                                   pooling, sampler, speculative, step_plan)
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 from vllm_ray_metal.engine.kv_mirror import KVMirror
 from vllm_ray_metal.engine.requests import RequestState, Row, Step
@@ -54,9 +54,16 @@ class MLXModelRunner:
         # (with stages, the one global group also spans ranks that hold no output matrix)
         self.vocab_group = group if self.stage is None else None
         spec = vllm_config.speculative_config
-        self.proposer = None if spec is None else speculative.NgramProposer(
-            spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
-            self.model_config.max_model_len)
+        self.draft: draft.DraftModel | None = None
+        self.proposer: speculative.NgramProposer | draft.DraftModel | None = None
+        if spec is not None and spec.method == "draft_model":
+            self.proposer = self.draft = draft.DraftModel(
+                spec.draft_model_config, str(self.model_config.dtype).removeprefix("torch."),
+                self.dtype, self.block_size, self.model_config.max_model_len)
+        elif spec is not None:
+            self.proposer = speculative.NgramProposer(
+                spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
+                self.model_config.max_model_len)
         self._drafts = None  # the last step's proposals, until take_draft_token_ids
         self.lora: lora.LoRASlots | None = None  # with --enable-lora
 
@@ -84,6 +91,12 @@ class MLXModelRunner:
                                                                base_only=True)
         self.lora_bytes = self.weight_bytes - model_loader.parameter_bytes(self.model,
                                                                            base_only=True)
+        self.draft_bytes = 0
+        if self.draft is not None:
+            self.draft.load()
+            self.draft_bytes = self.draft.weight_bytes
+            logger.info("Loaded draft model %s (%.1f MiB of weights)",
+                        self.draft.config.model, self.draft_bytes / 2**20)
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights, %.1f MiB of them LoRA "
                     "slots; CPU wrappers: %s)", self.model_config.model,
                     self.weight_bytes / 2**20, self.lora_bytes / 2**20, tuned or "none")
@@ -109,9 +122,13 @@ class MLXModelRunner:
         return {f"model.layers.{first + i}.self_attn": spec for i in range(layers)}
 
     def split_kv_budget(self, budget: int, bytes_per_block: int) -> int:
-        """The paged pool's share of the KV budget (what vLLM is told); the mirror keeps
-        the rest (``VLLM_RAY_METAL_KV_MIRROR``), never so much that one max-length
-        request would no longer fit the pool."""
+        """The paged pool's share of the KV budget (what vLLM is told); the draft model's
+        pool (as many blocks, its own bytes per block) and the mirror
+        (``VLLM_RAY_METAL_KV_MIRROR``) keep the rest, the mirror never so much that one
+        max-length request would no longer fit the pool."""
+        if self.draft is not None:
+            draft_block = self.draft.bytes_per_block()
+            budget = budget * bytes_per_block // (bytes_per_block + draft_block)
         share = envs.VLLM_RAY_METAL_KV_MIRROR
         max_len = self.model_config.max_model_len
         one_request = (-(-max_len // self.block_size) + 1) * bytes_per_block
@@ -123,6 +140,8 @@ class MLXModelRunner:
         layers, kv_heads, head_size = self.kv_layout()
         self.kv_pool = PagedKVPool(layers, kv_cache_config.num_blocks, self.block_size,
                                    kv_heads, head_size, self.dtype)
+        if self.draft is not None:
+            self.draft.init_pool(kv_cache_config.num_blocks)
         self.mirror, positions = None, 0
         if self.mirror_budget:
             # Every rank must choose the mirror or the pool alike (the forwards' shapes
@@ -149,6 +168,8 @@ class MLXModelRunner:
         if self.samples:
             hidden = model_loader.compute_logits(self.model, hidden[:, -1], self.vocab_group)
         mx.eval(hidden, self.kv_pool.arrays())
+        if self.draft is not None:
+            self.draft.warm_up()
 
     # ---- per step ------------------------------------------------------------------
     def _update_states(self, so) -> None:
@@ -189,6 +210,7 @@ class MLXModelRunner:
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0])
+                state.draft_computed, state.draft_proposed = 0, []  # new blocks, no draft KV
                 if self.mirror is not None:  # new blocks: refill its slot from them
                     self.mirror.forget(req_id)
             elif new_blocks is not None:

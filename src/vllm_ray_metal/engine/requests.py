@@ -25,6 +25,8 @@ class RequestState:
     pooled: pooling.Pooled | None = None  # pooling requests (runner="pooling")
     prompt_array: np.ndarray | None = None  # (token_array's cache)
     lora_request: object | None = None  # vLLM's LoRARequest (None: the base model)
+    draft_computed: int = 0  # tokens the draft model's KV holds right (draft.py)
+    draft_proposed: list[int] = field(default_factory=list)  # its last proposals
 
     @property
     def lora_id(self) -> int:

@@ -1,4 +1,5 @@
-"""Speculative decoding: n-gram proposals (prompt lookup) for the next step.
+"""Speculative decoding: n-gram proposals (prompt lookup) for the next step, and the row
+budget every proposer keeps to (the draft model is ``draft.py``).
 
 The scheduler sends each speculating request's proposals back as extra tokens of its
 row (``scheduled_spec_decode_tokens``); the runner runs them in the step's forward and
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("ngram",)  # what the runner can propose with (config.py refuses the rest)
+METHODS = ("ngram", "draft_model")  # what the runner proposes with (config.py refuses others)
 
 MAX_VERIFY_ROWS = 32
 # Token rows a decode forward may have, drafts and their padding included (the forward
@@ -61,12 +62,16 @@ class NgramProposer:
         start = int(full[-1] if full.size else ends[0]) + 1
         return tokens[start:start + room].tolist()
 
+    def propose_all(self, states: list, k: int) -> list[list[int]]:
+        return [self.propose(s.token_array(), k) for s in states]
 
-def next_drafts(proposer: NgramProposer, states: list, k: int,
+
+def next_drafts(proposer, states: list, k: int,
                 budget: int = MAX_VERIFY_ROWS) -> list[list[int]]:
     """Proposals for the requests (the runner's states) that just sampled: at most ``k``
-    each (vLLM's dynamic schedule may lower it), and within the row budget."""
+    each (vLLM's dynamic schedule may lower it), and within the row budget. ``proposer``:
+    an :class:`NgramProposer` or a ``draft.DraftModel`` (``propose_all(states, k)``)."""
     k = min(k, budget // max(len(states), 1) - 1)
     if k < 1:
         return [[] for _ in states]
-    return [proposer.propose(s.token_array(), k) for s in states]
+    return proposer.propose_all(states, k)

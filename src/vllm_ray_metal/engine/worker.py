@@ -64,6 +64,7 @@ class MLXWorker(WorkerBase):
                 "weight_bytes": getattr(runner, "weight_bytes", None),
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
                 "lora_bytes": getattr(runner, "lora_bytes", None),
+                "draft_bytes": getattr(runner, "draft_bytes", None),
                 "group_size": self.group.size() if self.group is not None else 1,
                 "vocab_split": model_loader.splits_vocab(runner.model, runner.vocab_group),
                 "layers": list(runner.stage_layers())}
@@ -82,8 +83,8 @@ class MLXWorker(WorkerBase):
         less the mirror's share (``MLXModelRunner.split_kv_budget``).
 
         The fraction is vLLM's ``gpu_memory_utilization``, applied to the memory MLX may
-        use when the worker started, minus the weights just loaded (LoRA slots included)
-        and the adapters ``max_cpu_loras`` may keep read.
+        use when the worker started, minus the weights just loaded (LoRA slots and a
+        draft model included) and the adapters ``max_cpu_loras`` may keep read.
         """
         explicit = self.cache_config.kv_cache_memory_bytes
         if explicit is not None:
@@ -92,12 +93,14 @@ class MLXWorker(WorkerBase):
         fraction = self.cache_config.gpu_memory_utilization
         runner = self.model_runner
         adapters = runner.lora.cache_bytes if runner.lora is not None else 0
-        budget = int(fraction * self.memory_at_start) - runner.weight_bytes - adapters
+        weights = runner.weight_bytes + runner.draft_bytes
+        budget = int(fraction * self.memory_at_start) - weights - adapters
         if budget <= 0:
             raise ValueError(
                 f"No memory left for the KV cache: {fraction:.0%} of "
                 f"{self.memory_at_start / 2**30:.1f} GiB is less than the model's "
-                f"{runner.weight_bytes / 2**30:.1f} GiB of weights"
+                f"{weights / 2**30:.1f} GiB of weights"
+                + (" (draft model included)" if runner.draft_bytes else "")
                 + (f" and {adapters / 2**30:.1f} GiB of LoRA adapters" if adapters else "")
                 + ". Raise --gpu-memory-utilization or set --kv-cache-memory-bytes"
                 + (" (or lower --max-loras / --max-cpu-loras / --max-lora-rank)."

@@ -51,6 +51,40 @@ def tiny_llama(path: str | Path, model_dir: str, heads: int = 8, kv_heads: int =
     return str(path)
 
 
+def layer_subset(path: str | Path, model_dir: str, keep: list[int]) -> str:
+    """``model_dir`` with only the decoder layers ``keep`` (in order; same embeddings, final
+    norm and tokenizer): a smaller model of the same family that skips layers, the draft
+    of self-speculative decoding; reused if ``path`` already holds one."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return str(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["num_hidden_layers"] = len(keep)
+    new_index = {old: new for new, old in enumerate(keep)}
+    weights = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, array in load_file(str(f)).items():
+            parts = name.split(".")
+            if "layers" in parts:
+                at = parts.index("layers") + 1
+                if int(parts[at]) not in new_index:
+                    continue
+                parts[at] = str(new_index[int(parts[at])])
+            weights[".".join(parts)] = array
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja",
+                                                         "generation_config.json"):
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """Plain argmax decoding with transformers' KV cache (no EOS handling, like ignore_eos)."""
     import torch

@@ -1,0 +1,139 @@
+"""Draft-model speculation: a second, smaller mlx-lm model proposes the next tokens.
+
+The draft runs on every worker, whole (replicated under tensor parallelism: it is small,
+and each rank then proposes the same tokens without a collective). Its keys and values
+live in a paged pool of its own, addressed by the target's block tables: vLLM reserves
+``num_speculative_tokens`` slots past every scheduled row for a draft model, so the
+positions the draft writes ahead are always in the request's blocks. A request's draft
+KV is trusted up to ``RequestState.draft_computed`` tokens: what was fed or proposed and
+then turned out to be the request's real tokens. Proposals are the draft's argmax, a
+deterministic proposal, so the target's verification (``sampler.verify``) keeps the
+output distribution exactly that of non-speculative sampling.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from vllm_ray_metal.engine import model_loader
+from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
+
+CATCH_UP_PIECE = 512  # a long catch-up (a new request's prompt) runs in pieces this long
+
+
+class DraftModel:
+    """The draft checkpoint, its KV pool, and the per-step proposal loop."""
+
+    def __init__(self, draft_config, dtype_name: str, dtype: mx.Dtype, block_size: int,
+                 max_model_len: int) -> None:
+        self.config = draft_config  # vLLM's ModelConfig of the draft checkpoint
+        self.dtype_name, self.dtype = dtype_name, dtype
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.model = None
+        self.pool: PagedKVPool | None = None
+
+    def load(self) -> None:
+        self.model = model_loader.load(self.config.model, self.dtype_name, None,
+                                       self.config.revision)
+        self.weight_bytes = model_loader.parameter_bytes(self.model)
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head size): the draft's whole attention, on every rank."""
+        return (self.config.get_total_num_hidden_layers(),
+                self.config.get_total_num_kv_heads(), self.config.get_head_size())
+
+    def bytes_per_block(self) -> int:
+        layers, kv_heads, head_size = self.kv_layout()
+        return 2 * layers * kv_heads * head_size * self.dtype.size * self.block_size
+
+    def init_pool(self, num_blocks: int) -> None:
+        layers, kv_heads, head_size = self.kv_layout()
+        self.pool = PagedKVPool(layers, num_blocks, self.block_size, kv_heads, head_size,
+                                self.dtype)
+
+    def warm_up(self) -> None:
+        layout = build_layout([0], [1], [[0]], self.block_size)
+        hidden = self.model.model(mx.array([[0]]), cache=self.pool.layer_caches(layout))
+        mx.eval(self._logits(hidden[:, -1]), self.pool.arrays())
+
+    def _logits(self, hidden: mx.array) -> mx.array:
+        return model_loader.compute_logits(self.model, hidden)
+
+    def _forward(self, starts: list[int], rows: list[list[int]], tables: list[list[int]]
+                 ) -> mx.array:
+        """Feed each row's tokens from its start; the hidden state of each row's last."""
+        counts = [len(r) for r in rows]
+        tokens = np.zeros((len(rows), max(counts)), dtype=np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, :len(r)] = r
+        layout = build_layout(starts, counts, tables, self.block_size)
+        hidden = self.model.model(mx.array(tokens), cache=self.pool.layer_caches(layout))
+        return hidden[mx.arange(len(rows)), mx.array(counts) - 1]
+
+    def propose_all(self, states: list, k: int) -> list[list[int]]:
+        """Up to ``k`` greedy draft tokens to follow each request's known tokens.
+
+        First every request's draft KV catches up with its known tokens (the accepted
+        drafts and the bonus token of the step just verified; a new request's whole
+        prompt, in pieces), then ``k - 1`` one-token forwards extend all rows together.
+        """
+        if not states or k < 1:
+            return [[] for _ in states]
+        known = [s.token_array() for s in states]
+        for s, tokens in zip(states, known):
+            s.draft_computed = _still_valid(s, tokens)
+        # each row's proposals stay inside the blocks vLLM reserved and the model's length
+        room = [max(0, min(k, self.max_model_len - len(t),
+                           len(s.block_ids) * self.block_size - len(t) + 1))
+                for s, t in zip(states, known)]
+        live = [i for i, r in enumerate(room) if r > 0]
+        drafts: list[list[int]] = [[] for _ in states]
+        if not live:
+            return drafts
+        # catch up: long ones piece by piece (each alone), then the short rest in one forward
+        short = []
+        for i in live:
+            s, tokens = states[i], known[i]
+            while len(tokens) - s.draft_computed > CATCH_UP_PIECE:
+                start = s.draft_computed
+                self._forward([start], [tokens[start:start + CATCH_UP_PIECE].tolist()],
+                              [s.block_ids])
+                mx.eval(self.pool.arrays())
+                s.draft_computed = start + CATCH_UP_PIECE
+            short.append(i)
+        hidden = self._forward([states[i].draft_computed for i in short],
+                               [known[i][states[i].draft_computed:].tolist() for i in short],
+                               [states[i].block_ids for i in short])
+        nxt = np.asarray(mx.argmax(self._logits(hidden), axis=-1)).tolist()
+        for i, t in zip(short, nxt):
+            states[i].draft_computed = len(known[i])
+            drafts[i].append(int(t))
+        # extend: one token a forward, the rows that still want more
+        for j in range(1, max(room[i] for i in live)):
+            rows = [i for i in live if room[i] > j]
+            hidden = self._forward([len(known[i]) + j - 1 for i in rows],
+                                   [[drafts[i][-1]] for i in rows],
+                                   [states[i].block_ids for i in rows])
+            nxt = np.asarray(mx.argmax(self._logits(hidden), axis=-1)).tolist()
+            for i, t in zip(rows, nxt):
+                drafts[i].append(int(t))
+        for i in live:
+            states[i].draft_proposed = drafts[i]
+        return drafts
+
+
+def _still_valid(state, tokens: np.ndarray) -> int:
+    """How many of the request's tokens its draft KV holds right: those fed before the
+    last proposal, and the proposals fed since (all but the last) that were accepted."""
+    fed = min(state.draft_computed, len(tokens))
+    proposed = state.draft_proposed[:-1]  # the last proposal is never fed
+    state.draft_proposed = []
+    if not proposed:
+        return fed
+    real = tokens[fed:fed + len(proposed)]
+    same = 0
+    while same < len(real) and int(real[same]) == proposed[same]:
+        same += 1
+    return fed + same
