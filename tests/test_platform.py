@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vllm_ray_metal.testing.llm import config_error
+from vllm_ray_metal.testing.models import tiny_llama
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +90,10 @@ def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
 
 
 @pytest.mark.parametrize("spec, needle", [
-    ({"method": "draft_model", "num_speculative_tokens": 2}, "use method 'ngram'"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "same vocabulary size"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "model": "/nonexistent/draft"},
+     "/nonexistent/draft"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "'draft_model'"),
     ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
     ({"method": "bogus", "num_speculative_tokens": 2}, "method"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
@@ -98,10 +102,12 @@ def test_unsupported_settings_are_rejected_with_the_flag(model_dir, kw, needle):
     ({"method": "ngram", "num_speculative_tokens": 2, "rejection_sample_method": "block"},
      "rejection_sample_method"),
 ])
-def test_bad_speculative_configs_fail_at_configuration_naming_the_field(model_dir, spec,
-                                                                         needle):
-    if spec["method"] == "draft_model":
-        spec = {**spec, "model": model_dir}
+def test_bad_speculative_configs_fail_at_configuration_naming_the_field(
+        model_dir, spec, needle, tmp_path_factory):
+    if spec["method"] in ("draft_model", "eagle") and "model" not in spec:
+        # a draft with another vocabulary (the tiny llama's 32,000 tokens, not 49,152)
+        spec = {**spec, "model": tiny_llama(tmp_path_factory.mktemp("other-vocab") / "m",
+                                            model_dir, vocab_size=32000)}
     msg = config_error(model_dir, max_model_len=512, speculative_config=spec)
     assert needle in msg, msg
 

@@ -87,6 +87,25 @@ def test_tp3_on_default_model_with_speculation_equals_reference(four_units, mode
     assert all(w["vocab_split"] for w in res["workers"])
 
 
+@pytest.mark.ray
+def test_tp3_with_the_model_as_its_own_draft_equals_reference(four_units, model_dir,
+                                                              prompts, hf_reference):
+    """Draft-model speculation at TP=3: each rank runs the whole draft (replicated) and
+    the sharded target verifies; the model as its own draft proposes exactly what the
+    target then samples, so every proposal is accepted."""
+    names = ["vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_draft_tokens"]
+    res = scenarios.run("gen", four_units, "class", {
+        "model": model_dir, "prompts": prompts, "max_tokens": NEW_TOKENS, "metrics": names,
+        "llm": {"tensor_parallel_size": 3, "disable_log_stats": False,
+                "speculative_config": {"method": "draft_model", "model": model_dir,
+                                       "draft_tensor_parallel_size": 1,
+                                       "num_speculative_tokens": 3}}}).ok()
+    assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
+    accepted, drafted = (res["metrics"][n] for n in names)
+    assert accepted == drafted > NEW_TOKENS
+    assert all(w["draft_bytes"] > 0 for w in res["workers"])
+
+
 @pytest.mark.unit
 def test_tp_not_dividing_kv_heads_names_valid_sizes(tiny):
     msg = config_error(tiny, max_model_len=256, tensor_parallel_size=8)

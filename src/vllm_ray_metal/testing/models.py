@@ -28,7 +28,8 @@ def chat_token_ids(model: str, prompts: list[str]) -> list[list[int]]:
 
 
 def tiny_llama(path: str | Path, model_dir: str, heads: int = 8, kv_heads: int = 4,
-               layers: int = 4, hidden: int = 256, seed: int = 0) -> str:
+               layers: int = 4, hidden: int = 256, seed: int = 0,
+               vocab_size: int = 49152) -> str:
     """A random-weight llama in HF format (tokenizer borrowed from ``model_dir``); reused
     if ``path`` already holds one."""
     import torch
@@ -38,7 +39,7 @@ def tiny_llama(path: str | Path, model_dir: str, heads: int = 8, kv_heads: int =
     if (path / "config.json").is_file():
         return str(path)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       tie_word_embeddings=True, initializer_range=0.2, rope_theta=10000.0,
