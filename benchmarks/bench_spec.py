@@ -1,16 +1,25 @@
-"""P6: speculative decoding with n-gram prompt lookup, side by side.
+"""P6/P7: speculative decoding (n-gram prompt lookup; a draft model), side by side.
 
 Systems (same model, fp32, same machine, same BLAS; one child process each):
-  ours-ngram - vLLM LLM + RayMetalExecutor with speculative_config method "ngram"
-  ours       - the same without speculation
-  mlx-lm     - raw mlx-lm stream_generate (one stream)
+  ours-ngram   - vLLM LLM + RayMetalExecutor with speculative_config method "ngram"
+  ours-draft   - the same with method "draft_model", the model as its own draft
+  ours         - the same without speculation
+  mlx-lm       - raw mlx-lm stream_generate (one stream)
+  mlx-lm-draft - mlx-lm's speculative stream_generate with the same draft
+
+The draft is the model itself: no smaller checkpoint with SmolLM2's vocabulary is at
+hand offline, and cut-down copies (layers skipped) accept too few drafts to be worth
+running. Every proposal is then accepted, so P7 compares the speculation machinery of
+the two stacks at full acceptance; it cannot show a speed-up over plain decoding here
+(the draft costs what the target does).
 
 Measures:
   grounded   - one stream, input-grounded asks about a ~1k-token passage (repeat it,
                quote from it, continue it): decode tok/s (new tokens after the first over
                their time; the prompt is prefix-cached, as in bench_longctx), and the mean
                acceptance length (1 + accepted / drafts, vLLM's counters)
-  batched    - 16 concurrent short chat prompts: output tok/s end to end
+  batched    - 16 concurrent short chat prompts: output tok/s end to end (not for the
+               draft systems)
 
     python benchmarks/bench_spec.py               # full run
     python benchmarks/bench_spec.py --smoke       # a couple of minutes: tiny sizes
@@ -29,6 +38,7 @@ import common  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
+DRAFT_TOKENS = 4
 NOTE = (
     "P6 (2026-12-03): on grounded asks n-gram speculation decodes 2.00x mlx-lm's "
     "stream_generate and 1.77x ours without it (median of three asks, three repeats "
@@ -73,6 +83,9 @@ def child_vllm(system: str, args) -> dict:
     kwargs.update(common.engine_kwargs("ours", 1 << 30))
     if system == "ours-ngram":
         kwargs["speculative_config"] = NGRAM
+    elif system == "ours-draft":
+        kwargs["speculative_config"] = {"method": "draft_model", "model": model,
+                                        "num_speculative_tokens": DRAFT_TOKENS}
     llm = LLM(**kwargs)
     tok = AutoTokenizer.from_pretrained(model)
 
@@ -102,20 +115,24 @@ def child_vllm(system: str, args) -> dict:
     drafts = counter("vllm:spec_decode_num_drafts") - drafts0
     accepted = counter("vllm:spec_decode_num_accepted_tokens") - accepted0
 
-    batch = [TokensPrompt(prompt_token_ids=p) for p in short_prompts(tok, args.concurrency)]
-    short = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens, ignore_eos=True)
-    timed(batch, short)  # warm-up
     batched = []
-    for _ in range(args.repeats):
-        t, outs = timed(batch, short)
-        batched.append(sum(len(o.outputs[0].token_ids) for o in outs) / t)
+    if system != "ours-draft":
+        batch = [TokensPrompt(prompt_token_ids=p)
+                 for p in short_prompts(tok, args.concurrency)]
+        short = SamplingParams(temperature=0.0, max_tokens=args.batch_tokens,
+                               ignore_eos=True)
+        timed(batch, short)  # warm-up
+        for _ in range(args.repeats):
+            t, outs = timed(batch, short)
+            batched.append(sum(len(o.outputs[0].token_ids) for o in outs) / t)
     llm.llm_engine.engine_core.shutdown()  # free the worker's unit for a next LLM
     return {"system": system, "grounded_tok_s": grounded, "grounded_tokens": tokens,
             "acceptance_length": 1 + accepted / drafts if drafts else None,
-            "batched_tok_s": common.median(batched), "batched_runs": batched}
+            "batched_tok_s": common.median(batched) if batched else None,
+            "batched_runs": batched}
 
 
-def child_mlx(args) -> dict:
+def child_mlx(system: str, args) -> dict:
     from vllm_ray_metal import cpu, default_model
 
     cpu.preload()  # the same BLAS as our worker, loaded before MLX as it does
@@ -123,16 +140,22 @@ def child_mlx(args) -> dict:
     from mlx_lm import load, stream_generate
 
     model, tok = load(default_model())
-    grounded, tokens = [], []
+    # the draft: the same checkpoint, loaded again (its own weights, as ours loads it)
+    spec = {"draft_model": load(default_model())[0], "num_draft_tokens": DRAFT_TOKENS} \
+        if system == "mlx-lm-draft" else {}
+    grounded, tokens, accepted, steps = [], [], 0, 0
     for ids in grounded_prompts(tok, args.passage_chars, args.asks):
-        stream_generate(model, tok, ids, max_tokens=2)  # warm-up
+        list(stream_generate(model, tok, ids, max_tokens=2, **spec))  # warm-up
         rates = []
         for _ in range(args.repeats):
-            out = list(stream_generate(model, tok, ids, max_tokens=args.new_tokens))
+            out = list(stream_generate(model, tok, ids, max_tokens=args.new_tokens, **spec))
             rates.append(out[-1].generation_tps)
         grounded.append(common.median(rates))
         tokens.append([r.token for r in out])
-    return {"system": "mlx-lm", "grounded_tok_s": grounded, "grounded_tokens": tokens}
+        from_draft = sum(bool(getattr(r, "from_draft", False)) for r in out)
+        accepted, steps = accepted + from_draft, steps + len(out) - from_draft
+    return {"system": system, "grounded_tok_s": grounded, "grounded_tokens": tokens,
+            "acceptance_length": 1 + accepted / steps if spec and steps else None}
 
 
 def main() -> None:
@@ -152,7 +175,7 @@ def main() -> None:
         args.passage_chars, args.new_tokens, args.concurrency = 200, 16, 2
         args.batch_tokens, args.repeats, args.asks = 8, 1, 1
     if args.child:
-        common.emit_each(args.child, lambda s: child_mlx(args) if s == "mlx-lm"
+        common.emit_each(args.child, lambda s: child_mlx(s, args) if s.startswith("mlx-lm")
                          else child_vllm(s, args))
         return
 
@@ -160,17 +183,18 @@ def main() -> None:
                   str(args.new_tokens), "--concurrency", str(args.concurrency),
                   "--batch-tokens", str(args.batch_tokens), "--repeats", str(args.repeats),
                   "--asks", str(args.asks)]
-    # one process a system; a smoke runs all three in one (one Python start, vLLM import and
+    # one process a system; a smoke runs all in one (one Python start, vLLM import and
     # Ray start), mlx-lm first: its BLAS is loaded before anything imports MLX, as alone
-    groups = [["mlx-lm", "ours-ngram", "ours"]] if args.smoke else \
-        [["ours-ngram"], ["ours"], ["mlx-lm"]]
+    systems = ["mlx-lm", "mlx-lm-draft", "ours-ngram", "ours-draft", "ours"]
+    groups = [systems] if args.smoke else [[s] for s in systems]
     results = {s: r for g in groups
                for s, r in common.run_together(__file__, g, child_args, timeout=3 * 3600).items()}
     for s, r in results.items():
         if "error" in r:
             raise SystemExit(f"{s} failed:\n{r['error']}")
     spec, plain, mlx = results["ours-ngram"], results["ours"], results["mlx-lm"]
-    same = spec["grounded_tokens"] == plain["grounded_tokens"]
+    drafted = results["ours-draft"]
+    same = spec["grounded_tokens"] == plain["grounded_tokens"] == drafted["grounded_tokens"]
     g = {s: common.median(r["grounded_tok_s"]) for s, r in results.items()}
     rows = [
         {"id": "P6 grounded", "measure": "single-stream decode tok/s on input-grounded asks "
@@ -185,6 +209,16 @@ def main() -> None:
          "chat prompts, n-gram speculation on ÷ off (ours)",
          "figure": f"{spec['batched_tok_s']:.1f} vs {plain['batched_tok_s']:.1f} tok/s",
          "ratio": f"{spec['batched_tok_s'] / plain['batched_tok_s']:.2f}", "target": "≥ 0.9"},
+        {"id": "P7 draft", "measure": "single-stream decode tok/s on the same asks, draft "
+         f"model (the model itself, k={DRAFT_TOKENS}): ours ÷ mlx-lm's speculative "
+         "stream_generate with the same draft (÷ ours without speculation in brackets; "
+         "mean acceptance length, ours / mlx-lm)",
+         "figure": f"{g['ours-draft']:.1f} vs {g['mlx-lm-draft']:.1f} (ours {g['ours']:.1f}) "
+                   f"tok/s; acceptance length {drafted['acceptance_length'] or 0:.2f} / "
+                   f"{results['mlx-lm-draft']['acceptance_length'] or 0:.2f}",
+         "ratio": f"{g['ours-draft'] / g['mlx-lm-draft']:.2f} "
+                  f"({g['ours-draft'] / g['ours']:.2f})",
+         "target": "≥ 1.0"},
     ]
     payload = {"results": results, "rows": rows, "same_tokens_with_and_without": same,
                "notes": [] if args.smoke else [NOTE]}

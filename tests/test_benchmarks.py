@@ -110,10 +110,13 @@ def test_spec_smoke():
     res = data["results"]
     assert data["same_tokens_with_and_without"]  # speculation changes speed, not tokens
     assert res["ours-ngram"]["acceptance_length"] >= 1
-    for system in ("ours-ngram", "ours", "mlx-lm"):
+    # the model as its own draft: every proposal accepted, in both stacks
+    assert res["ours-draft"]["acceptance_length"] == res["mlx-lm-draft"]["acceptance_length"] \
+        == 5
+    for system in ("ours-ngram", "ours-draft", "ours", "mlx-lm", "mlx-lm-draft"):
         assert len(res[system]["grounded_tok_s"]) == 1  # the smoke's one grounded ask
         assert all(v > 0 for v in res[system]["grounded_tok_s"])
-    assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched"]
+    assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched", "P7 draft"]
 
 
 def test_lora_smoke():
