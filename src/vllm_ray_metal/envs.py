@@ -93,6 +93,11 @@ VARIABLES: tuple[Variable, ...] = (
              "KV that attention reads in place (the rest holds vLLM's blocks); `0`: "
              "attention gathers each context from the blocks every step",
              lambda raw: min(0.9, max(0.0, _float(0.5, "VLLM_RAY_METAL_KV_MIRROR")(raw)))),
+    Variable("VLLM_RAY_METAL_SPEC_DRAFTS", "str", "`measure`",
+             "speculative decoding: `measure` offers drafts only while the runner measured "
+             "them to win tokens per second on this device; `always` offers them every "
+             "step (as vLLM does)",
+             lambda raw: raw.strip().lower() or "measure"),
     Variable("VLLM_RAY_METAL_CACHE", "path", "`~/.cache/vllm-ray-metal`",
              "where the default model and the BLAS shim are built",
              _cache),

@@ -13,7 +13,7 @@ import torch
 from vllm import SamplingParams
 
 from vllm_ray_metal.engine import grammar, sampler
-from vllm_ray_metal.engine.speculative import NgramProposer, next_drafts
+from vllm_ray_metal.engine.speculative import DraftPolicy, NgramProposer, next_drafts
 
 from test_sampler import Row  # the sampler's view of a request
 
@@ -171,3 +171,36 @@ def test_drafts_shrink_as_more_requests_decode():
     assert next_drafts(proposer, [periodic] * 8, 4) == [[1, 2, 3]] * 8
     assert next_drafts(proposer, [periodic] * 16, 4) == [[1]] * 16
     assert next_drafts(proposer, [periodic] * 17, 4) == [[]] * 17
+
+
+def test_draft_policy_offers_drafts_only_where_they_were_measured_to_pay():
+    @dataclass
+    class State:
+        spec_gain: float | None = None
+
+    policy = DraftPolicy()
+    chat = [State() for _ in range(16)]
+    assert not policy.offer(chat, 1)  # nothing measured: plain decoding first
+    policy.offered, policy.proposing_s = 0, 0.0
+    policy.record_step(16, 1.0)
+    assert policy.offer(chat, 1)  # then once with drafts
+    policy.offered, policy.proposing_s = 1, 0.1
+    policy.record_step(16, 1.5)  # 1.6 s with drafts (proposing included) vs 1.0 s
+    for s in chat:  # chat text: drafts seldom accepted
+        for _ in range(10):
+            policy.record_gain(s, 0)
+    choices = [policy.offer(chat, 1) for _ in range(32)]
+    assert choices.count(True) == 2  # plain, but the other choice is tried now and then
+    for s in chat:  # quoting a document: nearly every draft accepted
+        for _ in range(10):
+            policy.record_gain(s, 1)
+    assert policy.offer(chat, 1)  # 32 tokens in 1.6 s beat 16 in 1.0 s
+    assert policy.prior > 0.9  # a new request starts from what requests won lately
+    # a costlier step where drafts are cheap (a GPU): offered even at low acceptance
+    policy.cost[(16, 1)] = 1.05
+    for s in chat:
+        s.spec_gain = 0.2
+    assert policy.offer(chat, 1)
+    assert DraftPolicy("always").offer(chat, 1)  # VLLM_RAY_METAL_SPEC_DRAFTS=always
+    with pytest.raises(ValueError, match="measure or always"):
+        DraftPolicy("sometimes")

@@ -45,6 +45,15 @@ def counter(llm, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def drafts_every_step():
+    """Verification on every step (the measured policy may turn drafts off on this CPU,
+    and these tests are about what verification keeps)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_RAY_METAL_SPEC_DRAFTS", "always")
+        yield
+
+
 @pytest.fixture(scope="module")
 def prompts(model_dir) -> list[list[int]]:
     """Input-grounded asks (repeat, quote, continue a list: long accepted runs) and

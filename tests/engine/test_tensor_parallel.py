@@ -16,6 +16,7 @@ from vllm_ray_metal.testing.models import hf_greedy
 from vllm_ray_metal.testing.structured import json_rows_start_with_a_brace
 
 NEW_TOKENS = 32
+DRAFTS_EVERY_STEP = {"VLLM_RAY_METAL_SPEC_DRAFTS": "always"}  # verification every step
 
 
 def generate(c: LocalRayCluster, model: str, llm: dict, jobs: list[dict]) -> dict:
@@ -80,7 +81,8 @@ def test_tp3_on_default_model_with_speculation_equals_reference(four_units, mode
         "metrics": [accepted],
         "llm": {"tensor_parallel_size": 3, "disable_log_stats": False,
                 "speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                                       "prompt_lookup_min": 1, "prompt_lookup_max": 3}}}).ok()
+                                       "prompt_lookup_min": 1, "prompt_lookup_max": 3}}},
+        env=DRAFTS_EVERY_STEP).ok()
     assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
     assert res["metrics"][accepted] > 0
     assert len({w["host_ip"] for w in res["workers"]}) == 3
@@ -99,7 +101,8 @@ def test_tp3_with_the_model_as_its_own_draft_equals_reference(four_units, model_
         "llm": {"tensor_parallel_size": 3, "disable_log_stats": False,
                 "speculative_config": {"method": "draft_model", "model": model_dir,
                                        "draft_tensor_parallel_size": 1,
-                                       "num_speculative_tokens": 3}}}).ok()
+                                       "num_speculative_tokens": 3}}},
+        env=DRAFTS_EVERY_STEP).ok()
     assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
     accepted, drafted = (res["metrics"][n] for n in names)
     assert accepted == drafted > NEW_TOKENS

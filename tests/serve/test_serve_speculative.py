@@ -27,7 +27,8 @@ def speculating(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-spec") / "serve.log"
     with contextlib.ExitStack() as stack:
         yield stack.enter_context(served(model_dir, log, "127.0.0.62", "127.0.0.63", 32,
-                                         "--speculative-config", json.dumps(NGRAM)))
+                                         "--speculative-config", json.dumps(NGRAM),
+                                         env={"VLLM_RAY_METAL_SPEC_DRAFTS": "always"}))
 
 
 def test_served_speculation_equals_transformers_and_accepts_drafts(speculating, model_dir,

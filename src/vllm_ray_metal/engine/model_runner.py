@@ -13,6 +13,8 @@ to verify) in one batched MLX call; prefill chunks of near-equal length share a 
 from __future__ import annotations
 
 import logging
+import time
+
 import mlx.core as mx
 import numpy as np
 import torch
@@ -65,6 +67,9 @@ class MLXModelRunner:
                 spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
                 self.model_config.max_model_len)
         self._drafts = None  # the last step's proposals, until take_draft_token_ids
+        self.draft_policy = speculative.DraftPolicy(envs.VLLM_RAY_METAL_SPEC_DRAFTS) \
+            if self.proposer is not None else None
+        self._offered: set[str] = set()  # requests offered drafts at the last proposal
         self.lora: lora.LoRASlots | None = None  # with --enable-lora
 
     # ---- set-up -------------------------------------------------------------------
@@ -288,6 +293,7 @@ class MLXModelRunner:
         if self._pending is not None:
             raise RuntimeError("execute_model was called again before sample_tokens: vLLM's "
                                "two-phase step lost a step's output")
+        started = time.perf_counter()
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
@@ -299,6 +305,8 @@ class MLXModelRunner:
             rows.append(Row(state, state.num_computed_tokens,
                              so.num_scheduled_tokens[req_id], index,
                              list(spec.get(req_id, ()))))
+        decoding = all(r.known == 1 and r.start + 1 == r.state.num_tokens
+                       and r.state.pooled is None for r in rows)
         if self.lora is not None:  # every adapter of the step in a slot
             self.lora.activate({r.state.lora_id: r.state.lora_request for r in rows
                                 if r.state.lora_request is not None})
@@ -335,7 +343,7 @@ class MLXModelRunner:
             pooled = pooling.to_torch(pooled)
         self._pending = Step(req_ids, len(rows), to_sample, logits, prompt_logprobs, pooled,
                              {req_id: len(d) for req_id, d in spec.items()},
-                             so.num_spec_tokens_to_schedule)
+                             so.num_spec_tokens_to_schedule, started, decoding)
         return None if defer else self.sample_tokens(None)
 
     def sample_tokens(self, grammar_output):
@@ -368,12 +376,23 @@ class MLXModelRunner:
                     lp, [r.index for r in step.to_sample], [len(t) for t in tokens],
                     step.num_rows)
         if self.proposer is not None:  # the next step's drafts of every request that sampled
+            self._measure_drafts(step, sampled)
             states = [r.state for r in step.to_sample]
-            self._drafts = compat_vllm.draft_token_ids(
-                [s.req_id for s in states],
-                speculative.next_drafts(self.proposer, states, step.num_spec_tokens))
+            drafts = speculative.next_drafts(self.proposer, states, step.num_spec_tokens,
+                                             policy=self.draft_policy)
+            self._offered = {s.req_id for s in states} if self.draft_policy.offered else set()
+            self._drafts = compat_vllm.draft_token_ids([s.req_id for s in states], drafts)
         return compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
                                                step.prompt_logprobs, step.pooled)
+
+    def _measure_drafts(self, step: Step, sampled: list[list[int]]) -> None:
+        """Tell the draft policy what this step took and what the drafts offered won."""
+        policy = self.draft_policy
+        if step.decoding and step.to_sample:
+            policy.record_step(step.num_rows, time.perf_counter() - step.started)
+        for r in step.to_sample:
+            if r.state.req_id in self._offered:
+                policy.record_gain(r.state, len(sampled[r.index]) - 1)
 
     def take_draft_token_ids(self):
         """vLLM asks after every step (speculative decoding); None when nothing to give."""

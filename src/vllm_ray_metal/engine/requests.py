@@ -27,6 +27,7 @@ class RequestState:
     lora_request: object | None = None  # vLLM's LoRARequest (None: the base model)
     draft_computed: int = 0  # tokens the draft model's KV holds right (draft.py)
     draft_proposed: list[int] = field(default_factory=list)  # its last proposals
+    spec_gain: float | None = None  # running mean of tokens its drafts won (DraftPolicy)
 
     @property
     def lora_id(self) -> int:
@@ -77,3 +78,5 @@ class Step:
     pooled: list | None  # pooling runner: one embedding (or None) per row
     num_drafts: dict[str, int]  # speculative decoding: drafts per request ({}: none)
     num_spec_tokens: int = 0  # drafts to propose for the next step (vLLM's schedule)
+    started: float = 0.0  # perf_counter at execute_model (DraftPolicy times decode steps)
+    decoding: bool = False  # every row decodes one known token (plus drafts)

@@ -1,5 +1,5 @@
-"""Speculative decoding: n-gram proposals (prompt lookup) for the next step, and the row
-budget every proposer keeps to (the draft model is ``draft.py``).
+"""Speculative decoding: n-gram proposals (prompt lookup) for the next step, and when
+any proposer (this one, or the draft model of ``draft.py``) should propose at all.
 
 The scheduler sends each speculating request's proposals back as extra tokens of its
 row (``scheduled_spec_decode_tokens``); the runner runs them in the step's forward and
@@ -9,17 +9,17 @@ never changes what is generated, only how many tokens one forward yields.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 METHODS = ("ngram", "draft_model")  # what the runner proposes with (config.py refuses others)
 
 MAX_VERIFY_ROWS = 32
 # Token rows a decode forward may have, drafts and their padding included (the forward
-# is a rectangle: every row as wide as the most drafts). A forward reads each weight
-# once, so a single stream verifies its drafts almost for free; a full batch pays for
-# every extra row, and drafts that are mostly rejected would slow it down. So the more
-# requests decode, the fewer drafts each gets: one at 16, none (plain decoding) from 17
-# on (BENCHMARKS.md P6 measures both ends).
+# is a rectangle: every row as wide as the most drafts): the more requests decode, the
+# fewer drafts each may get, one at 16, none from 17 on. Within it, DraftPolicy decides
+# from measurements whether drafts are offered at all.
 
 
 class NgramProposer:
@@ -66,12 +66,73 @@ class NgramProposer:
         return [self.propose(s.token_array(), k) for s in states]
 
 
-def next_drafts(proposer, states: list, k: int,
-                budget: int = MAX_VERIFY_ROWS) -> list[list[int]]:
+class DraftPolicy:
+    """Whether a decode step should carry drafts, decided by measurement on this device.
+
+    A decode forward is a rectangle, so drafts widen every row of it; they pay when the
+    extra tokens they win outgrow the extra time the wider step takes. On a GPU extra
+    rows cost little until it is compute-bound, on a CPU nearly their share, so neither
+    is assumed: the runner times decode steps with and without drafts (the draft
+    model's proposing included) per number of decoding requests, and each request keeps
+    a running mean of the tokens its drafts won. Drafts are offered while
+    ``(n + expected extra tokens) / time with drafts`` beats ``n / time without``; the
+    other choice is still tried now and then, as contexts grow and costs move.
+    """
+
+    SMOOTH = 0.3  # weight of the newest measurement in every running mean
+    PROBE_EVERY = 16  # every so many decisions for one batch size, the other choice once
+
+    def __init__(self, mode: str = "measure") -> None:
+        if mode not in ("measure", "always"):
+            raise ValueError(f"VLLM_RAY_METAL_SPEC_DRAFTS={mode!r}: use measure or always")
+        self.always = mode == "always"
+        self.cost: dict[tuple[int, int], float] = {}  # (requests, drafts offered) -> s
+        self.decisions: dict[int, int] = {}
+        self.prior = 1.0  # tokens a request's drafts are expected to win, before its own
+        self.offered = 0  # drafts offered at the last proposal (0: none)
+        self.proposing_s = 0.0  # what proposing them took
+
+    def offer(self, states: list, k: int) -> bool:
+        """Offer ``k`` drafts to each of these decoding requests for the next step?"""
+        if self.always:
+            return True
+        n = len(states)
+        count = self.decisions[n] = self.decisions.get(n, 0) + 1
+        plain, drafted = self.cost.get((n, 0)), self.cost.get((n, k))
+        if plain is None or drafted is None:
+            return plain is not None  # measure both choices, plain decoding first
+        gain = sum(self.prior if s.spec_gain is None else s.spec_gain for s in states)
+        better = (n + gain) / drafted > n / plain
+        return better != (count % self.PROBE_EVERY == 0)
+
+    def record_step(self, requests: int, seconds: float) -> None:
+        """A decode step of ``requests`` rows ran (each offered ``self.offered`` drafts at
+        the last proposal, which took ``proposing_s``)."""
+        key = (requests, self.offered)
+        total = seconds + self.proposing_s
+        old = self.cost.get(key)
+        self.cost[key] = total if old is None else old + self.SMOOTH * (total - old)
+
+    def record_gain(self, state, accepted: int) -> None:
+        """The request was offered drafts and won ``accepted`` tokens from them."""
+        old = self.prior if state.spec_gain is None else state.spec_gain
+        state.spec_gain = old + self.SMOOTH * (accepted - old)
+        self.prior += self.SMOOTH * (accepted - self.prior)
+
+
+def next_drafts(proposer, states: list, k: int, budget: int = MAX_VERIFY_ROWS,
+                policy: DraftPolicy | None = None) -> list[list[int]]:
     """Proposals for the requests (the runner's states) that just sampled: at most ``k``
-    each (vLLM's dynamic schedule may lower it), and within the row budget. ``proposer``:
-    an :class:`NgramProposer` or a ``draft.DraftModel`` (``propose_all(states, k)``)."""
+    each (vLLM's dynamic schedule may lower it), within the row budget, and none when
+    ``policy`` measured that drafts would not pay. ``proposer``: an
+    :class:`NgramProposer` or a ``draft.DraftModel`` (``propose_all(states, k)``)."""
     k = min(k, budget // max(len(states), 1) - 1)
-    if k < 1:
+    if k < 1 or (policy is not None and not policy.offer(states, k)):
+        if policy is not None:
+            policy.offered, policy.proposing_s = 0, 0.0
         return [[] for _ in states]
-    return proposer.propose_all(states, k)
+    start = time.perf_counter()
+    drafts = proposer.propose_all(states, k)
+    if policy is not None:
+        policy.offered, policy.proposing_s = k, time.perf_counter() - start
+    return drafts
