@@ -1,4 +1,4 @@
-"""P6/P7: speculative decoding (n-gram prompt lookup; a draft model), side by side.
+"""P6/P8: speculative decoding (n-gram prompt lookup; a draft model), side by side.
 
 Systems (same model, fp32, same machine, same BLAS; one child process each):
   ours-ngram   - vLLM LLM + RayMetalExecutor with speculative_config method "ngram"
@@ -9,7 +9,7 @@ Systems (same model, fp32, same machine, same BLAS; one child process each):
 
 The draft is the model itself: no smaller checkpoint with SmolLM2's vocabulary is at
 hand offline, and cut-down copies (layers skipped) accept too few drafts to be worth
-running. Every proposal is then accepted, so P7 compares the speculation machinery of
+running. Every proposal is then accepted, so P8 compares the speculation machinery of
 the two stacks at full acceptance; it cannot show a speed-up over plain decoding here
 (the draft costs what the target does).
 
@@ -209,7 +209,7 @@ def main() -> None:
          "chat prompts, n-gram speculation on ÷ off (ours)",
          "figure": f"{spec['batched_tok_s']:.1f} vs {plain['batched_tok_s']:.1f} tok/s",
          "ratio": f"{spec['batched_tok_s'] / plain['batched_tok_s']:.2f}", "target": "≥ 0.9"},
-        {"id": "P7 draft", "measure": "single-stream decode tok/s on the same asks, draft "
+        {"id": "P8 draft", "measure": "single-stream decode tok/s on the same asks, draft "
          f"model (the model itself, k={DRAFT_TOKENS}): ours ÷ mlx-lm's speculative "
          "stream_generate with the same draft (÷ ours without speculation in brackets; "
          "mean acceptance length, ours / mlx-lm)",

@@ -116,7 +116,7 @@ def test_spec_smoke():
     for system in ("ours-ngram", "ours-draft", "ours", "mlx-lm", "mlx-lm-draft"):
         assert len(res[system]["grounded_tok_s"]) == 1  # the smoke's one grounded ask
         assert all(v > 0 for v in res[system]["grounded_tok_s"])
-    assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched", "P7 draft"]
+    assert [r["id"] for r in data["rows"]] == ["P6 grounded", "P6 batched", "P8 draft"]
 
 
 def test_lora_smoke():

@@ -1,5 +1,6 @@
-"""`vllm serve --speculative-config` (n-gram): served tokens equal transformers' greedy
-decoding, proposals are accepted and counted on /metrics, constrained output stays valid."""
+"""`vllm serve --speculative-config` (n-gram, and a draft model: the served model as its
+own draft): served tokens equal transformers' greedy decoding, proposals are accepted
+and counted on /metrics, constrained output stays valid."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ PASSAGE = ("The lighthouse keeper climbed the stairs every evening, lit the lamp
            "weather in his book and watched the ships pass the rocks until morning.")
 
 
-@pytest.fixture(scope="module")
-def speculating(model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["ngram", "draft_model"])
+def speculating(request, model_dir, tmp_path_factory):
+    config = NGRAM if request.param == "ngram" else {
+        "method": "draft_model", "model": model_dir, "num_speculative_tokens": 3}
     log = tmp_path_factory.mktemp("serve-spec") / "serve.log"
     with contextlib.ExitStack() as stack:
-        yield stack.enter_context(served(model_dir, log, "127.0.0.62", "127.0.0.63", 32,
-                                         "--speculative-config", json.dumps(NGRAM),
+        kv_mib = 32 if request.param == "ngram" else 64  # the draft's pool takes half
+        yield stack.enter_context(served(model_dir, log, "127.0.0.62", "127.0.0.63", kv_mib,
+                                         "--speculative-config", json.dumps(config),
                                          env={"VLLM_RAY_METAL_SPEC_DRAFTS": "always"}))
 
 

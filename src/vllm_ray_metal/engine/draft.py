@@ -20,6 +20,7 @@ from vllm_ray_metal.engine import model_loader
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 
 CATCH_UP_PIECE = 512  # a long catch-up (a new request's prompt) runs in pieces this long
+CATCH_UP_BATCHED = 16  # catch-ups up to this long share one forward (accepted drafts)
 
 
 class DraftModel:
@@ -92,23 +93,29 @@ class DraftModel:
         drafts: list[list[int]] = [[] for _ in states]
         if not live:
             return drafts
-        # catch up: long ones piece by piece (each alone), then the short rest in one forward
-        short = []
-        for i in live:
+        # catch up: long ones alone, piece by piece (a new request's prompt would pad every
+        # other row to its length), then the short rest in one forward
+        last: dict[int, mx.array] = {}  # the hidden state of each row's last known token
+        short = [i for i in live if len(known[i]) - states[i].draft_computed <= CATCH_UP_BATCHED]
+        for i in sorted(set(live) - set(short)):
             s, tokens = states[i], known[i]
-            while len(tokens) - s.draft_computed > CATCH_UP_PIECE:
+            while s.draft_computed < len(tokens):
                 start = s.draft_computed
-                self._forward([start], [tokens[start:start + CATCH_UP_PIECE].tolist()],
-                              [s.block_ids])
-                mx.eval(self.pool.arrays())
-                s.draft_computed = start + CATCH_UP_PIECE
-            short.append(i)
-        hidden = self._forward([states[i].draft_computed for i in short],
-                               [known[i][states[i].draft_computed:].tolist() for i in short],
-                               [states[i].block_ids for i in short])
-        nxt = np.asarray(mx.argmax(self._logits(hidden), axis=-1)).tolist()
-        for i, t in zip(short, nxt):
-            states[i].draft_computed = len(known[i])
+                end = min(len(tokens), start + CATCH_UP_PIECE)
+                last[i] = self._forward([start], [tokens[start:end].tolist()],
+                                        [s.block_ids])[0]
+                mx.eval(last[i], self.pool.arrays())
+                s.draft_computed = end
+        if short:
+            hidden = self._forward([states[i].draft_computed for i in short],
+                                   [known[i][states[i].draft_computed:].tolist() for i in short],
+                                   [states[i].block_ids for i in short])
+            for b, i in enumerate(short):
+                last[i] = hidden[b]
+                states[i].draft_computed = len(known[i])
+        nxt = np.asarray(mx.argmax(self._logits(mx.stack([last[i] for i in live])),
+                                   axis=-1)).tolist()
+        for i, t in zip(live, nxt):
             drafts[i].append(int(t))
         # extend: one token a forward, the rows that still want more
         for j in range(1, max(room[i] for i in live)):
