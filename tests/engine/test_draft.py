@@ -88,3 +88,27 @@ def test_rows_propose_only_inside_their_blocks_and_the_model_length(drafter):
         short.model, short.pool = drafter.model, drafter.pool
         at_end = RequestState("m", prompt, None, [120, 121, 122], 30, None)
         assert [len(d) for d in short.propose_all([at_end], K)] == [n]
+
+
+def test_a_prefix_hit_reuses_the_drafts_filled_blocks_and_only_those(drafter):
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 97, 3 * BLOCK + 5).tolist()
+    first = request("first", prompt, 130)
+    drafter.propose_all([first], K)  # fills blocks 130-132 with the prompt's first 48
+    # the same prompt's blocks handed to a second request (vLLM's prefix cache), and a
+    # third request given the same block ids for other tokens (blocks freed and reused)
+    hit = RequestState("hit", prompt + [3], None, first.block_ids[:3] + [140, 141, 142],
+                       len(prompt), None)
+    other_tokens = rng.integers(0, 97, 3 * BLOCK + 5).tolist()
+    reused = RequestState("reused", other_tokens, None, first.block_ids[:3] + [150, 151, 152],
+                          len(other_tokens), None)
+    assert drafter._cached_prefix(hit, hit.token_array()) == 3 * BLOCK
+    assert drafter._cached_prefix(reused, reused.token_array()) == 0
+    got = drafter.propose_all([hit], K)
+    assert got == [greedy(drafter.model, hit.token_array().tolist(), K)]
+    # the reused blocks now hold other tokens' KV: the first prompt no longer hits them
+    drafter.propose_all([reused], K)
+    again = RequestState("again", prompt, None, first.block_ids[:3] + [160, 161], len(prompt),
+                         None)
+    assert drafter._cached_prefix(again, again.token_array()) == 0
+    assert drafter.propose_all([again], K) == [greedy(drafter.model, prompt, K)]

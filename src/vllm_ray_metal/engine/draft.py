@@ -6,7 +6,10 @@ live in a paged pool of its own, addressed by the target's block tables: vLLM re
 ``num_speculative_tokens`` slots past every scheduled row for a draft model, so the
 positions the draft writes ahead are always in the request's blocks. A request's draft
 KV is trusted up to ``RequestState.draft_computed`` tokens: what was fed or proposed and
-then turned out to be the request's real tokens. Proposals are the draft's argmax, a
+then turned out to be the request's real tokens. A new request whose prompt hit vLLM's
+prefix cache starts from the leading blocks the draft already filled with the same
+tokens (each full block it filled is recorded with a hash of every token up to its
+end), so a long chat's next turn does not run the whole conversation through the draft. Proposals are the draft's argmax, a
 deterministic proposal, so the target's verification (``sampler.verify``) keeps the
 output distribution exactly that of non-speculative sampling.
 """
@@ -34,6 +37,7 @@ class DraftModel:
         self.max_model_len = max_model_len
         self.model = None
         self.pool: PagedKVPool | None = None
+        self.filled: dict[int, int] = {}  # block id -> prefix hash of the tokens it holds
 
     def load(self) -> None:
         self.model = model_loader.load(self.config.model, self.dtype_name, None,
@@ -85,6 +89,8 @@ class DraftModel:
         known = [s.token_array() for s in states]
         for s, tokens in zip(states, known):
             s.draft_computed = _still_valid(s, tokens)
+            if s.draft_computed == 0:
+                s.draft_computed = self._cached_prefix(s, tokens)
         # each row's proposals stay inside the blocks vLLM reserved and the model's length
         room = [max(0, min(k, self.max_model_len - len(t),
                            len(s.block_ids) * self.block_size - len(t) + 1))
@@ -128,7 +134,41 @@ class DraftModel:
                 drafts[i].append(int(t))
         for i in live:
             states[i].draft_proposed = drafts[i]
+            self._record(states[i], known[i], room[i])
         return drafts
+
+    def _cached_prefix(self, state, tokens: np.ndarray) -> int:
+        """Tokens at the start of a request the draft's pool already holds: its leading
+        blocks that the draft filled with these very tokens (at least one token is left
+        to feed, for the hidden state the first proposal comes from)."""
+        hashes = _block_hashes(state, tokens, self.block_size)
+        n = 0
+        while n < min(len(hashes), len(state.block_ids)) and \
+                self.filled.get(state.block_ids[n]) == hashes[n]:
+            n += 1
+        return min(n * self.block_size, len(tokens) - 1)
+
+    def _record(self, state, tokens: np.ndarray, room: int) -> None:
+        """After a proposal: the request's full blocks before its known end hold the draft's
+        KV of its real tokens; the blocks it wrote from there on hold proposals."""
+        size = self.block_size
+        hashes = _block_hashes(state, tokens, size)
+        full = min(len(hashes), len(state.block_ids))
+        for b in range(state.draft_recorded, full):
+            self.filled[state.block_ids[b]] = hashes[b]
+        state.draft_recorded = full
+        for b in range(full, min(len(state.block_ids), (len(tokens) + room - 2) // size + 1)):
+            self.filled.pop(state.block_ids[b], None)
+
+
+def _block_hashes(state, tokens: np.ndarray, size: int) -> list[int]:
+    """The request's full blocks' hashes, each of every token up to the block's end
+    (kept on the request, extended as its tokens grow)."""
+    hashes = state.draft_hashes
+    for b in range(len(hashes), len(tokens) // size):
+        hashes.append(hash((hashes[-1] if hashes else 0,
+                            tokens[b * size:(b + 1) * size].tobytes())))
+    return hashes
 
 
 def _still_valid(state, tokens: np.ndarray) -> int:

@@ -215,7 +215,8 @@ class MLXModelRunner:
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0])
-                state.draft_computed, state.draft_proposed = 0, []  # new blocks, no draft KV
+                # new blocks: the draft's KV is only what its prefix cache holds
+                state.draft_computed, state.draft_proposed, state.draft_recorded = 0, [], 0
                 if self.mirror is not None:  # new blocks: refill its slot from them
                     self.mirror.forget(req_id)
             elif new_blocks is not None:

@@ -27,6 +27,8 @@ class RequestState:
     lora_request: object | None = None  # vLLM's LoRARequest (None: the base model)
     draft_computed: int = 0  # tokens the draft model's KV holds right (draft.py)
     draft_proposed: list[int] = field(default_factory=list)  # its last proposals
+    draft_hashes: list[int] = field(default_factory=list)  # per full block (draft.py)
+    draft_recorded: int = 0  # leading blocks recorded as filled by the draft
     spec_gain: float | None = None  # running mean of tokens its drafts won (DraftPolicy)
 
     @property
