@@ -63,7 +63,7 @@ def _worker(kv_bytes=None, fraction=0.5, max_model_len=4096):
 
     runner = MLXModelRunner.__new__(MLXModelRunner)
     runner.weight_bytes, runner.block_size, runner.dtype = 3 * GIB, 16, mx.float32
-    runner.lora = None
+    runner.lora, runner.draft, runner.draft_bytes = None, None, 0
     runner.model_config = SimpleNamespace(max_model_len=max_model_len)
     runner.kv_layout = lambda: (30, 3, 64)
     worker = MLXWorker.__new__(MLXWorker)
@@ -88,6 +88,17 @@ def test_kv_cache_gets_a_share_of_the_working_set(mac, monkeypatch):
     worker.cache_config.gpu_memory_utilization = 0.1  # 2.2 GiB < the weights
     with pytest.raises(ValueError, match="--gpu-memory-utilization.*--max-cpu-loras"):
         worker.determine_available_memory()
+
+
+def test_a_draft_models_pool_takes_its_share_of_the_budget(mac, monkeypatch):
+    """Speculation with a draft model: its weights count like the target's, and its pool
+    (as many blocks, its own bytes per block) takes its share before vLLM is told."""
+    monkeypatch.setenv("VLLM_RAY_METAL_KV_MIRROR", "0")
+    worker = _worker()
+    block = worker.get_cache_block_size_bytes()
+    worker.model_runner.draft = SimpleNamespace(bytes_per_block=lambda: block // 2)
+    worker.model_runner.draft_bytes = 1 * GIB
+    assert worker.determine_available_memory() == (11 * GIB - 4 * GIB) * 2 // 3
 
 
 def test_the_mirror_never_takes_what_one_max_length_request_needs(mac):

@@ -8,6 +8,8 @@ loudly, instead of deep inside a worker. The Ray executor's internals are in
 
 from __future__ import annotations
 
+import functools
+
 import os
 from typing import Any
 
@@ -186,6 +188,7 @@ def read_adapters_before_admission() -> None:
         return
     signature = inspect.signature(original)
 
+    @functools.wraps(original)  # (inspect.signature still shows vLLM's parameters)
     def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
         lora = signature.bind(self, *args, **kwargs).arguments.get("lora_request")
         if lora is not None:

@@ -9,9 +9,10 @@ KV is trusted up to ``RequestState.draft_computed`` tokens: what was fed or prop
 then turned out to be the request's real tokens. A new request whose prompt hit vLLM's
 prefix cache starts from the leading blocks the draft already filled with the same
 tokens (each full block it filled is recorded with a hash of every token up to its
-end), so a long chat's next turn does not run the whole conversation through the draft. Proposals are the draft's argmax, a
-deterministic proposal, so the target's verification (``sampler.verify``) keeps the
-output distribution exactly that of non-speculative sampling.
+end), so a long chat's next turn does not run the whole conversation through the draft.
+Proposals are the draft's argmax, a deterministic proposal, so the target's verification
+(``sampler.verify``) keeps the output distribution exactly that of non-speculative
+sampling.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class DraftModel:
         # catch up: long ones alone, piece by piece (a new request's prompt would pad every
         # other row to its length), then the short rest in one forward
         last: dict[int, mx.array] = {}  # the hidden state of each row's last known token
-        short = [i for i in live if len(known[i]) - states[i].draft_computed <= CATCH_UP_BATCHED]
+        short = [i for i in live
+                 if len(known[i]) - states[i].draft_computed <= CATCH_UP_BATCHED]
         for i in sorted(set(live) - set(short)):
             s, tokens = states[i], known[i]
             while s.draft_computed < len(tokens):

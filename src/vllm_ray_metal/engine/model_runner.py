@@ -55,21 +55,10 @@ class MLXModelRunner:
         # tensor parallel without pipeline stages: split the output projection by vocabulary
         # (with stages, the one global group also spans ranks that hold no output matrix)
         self.vocab_group = group if self.stage is None else None
-        spec = vllm_config.speculative_config
-        self.draft: draft.DraftModel | None = None
-        self.proposer: speculative.NgramProposer | draft.DraftModel | None = None
-        if spec is not None and spec.method == "draft_model":
-            self.proposer = self.draft = draft.DraftModel(
-                spec.draft_model_config, str(self.model_config.dtype).removeprefix("torch."),
-                self.dtype, self.block_size, self.model_config.max_model_len)
-        elif spec is not None:
-            self.proposer = speculative.NgramProposer(
-                spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max,
-                self.model_config.max_model_len)
+        self.proposer = speculative.proposer_for(vllm_config, self.dtype)  # None: no drafts
+        self.draft = self.proposer if isinstance(self.proposer, draft.DraftModel) else None
+        self.draft_policy = speculative.DraftPolicy(envs.VLLM_RAY_METAL_SPEC_DRAFTS)
         self._drafts = None  # the last step's proposals, until take_draft_token_ids
-        self.draft_policy = speculative.DraftPolicy(envs.VLLM_RAY_METAL_SPEC_DRAFTS) \
-            if self.proposer is not None else None
-        self._offered: set[str] = set()  # requests offered drafts at the last proposal
         self.lora: lora.LoRASlots | None = None  # with --enable-lora
 
     # ---- set-up -------------------------------------------------------------------
@@ -377,23 +366,13 @@ class MLXModelRunner:
                     lp, [r.index for r in step.to_sample], [len(t) for t in tokens],
                     step.num_rows)
         if self.proposer is not None:  # the next step's drafts of every request that sampled
-            self._measure_drafts(step, sampled)
+            self.draft_policy.measure(step, sampled)
             states = [r.state for r in step.to_sample]
             drafts = speculative.next_drafts(self.proposer, states, step.num_spec_tokens,
                                              policy=self.draft_policy)
-            self._offered = {s.req_id for s in states} if self.draft_policy.offered else set()
             self._drafts = compat_vllm.draft_token_ids([s.req_id for s in states], drafts)
         return compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
                                                step.prompt_logprobs, step.pooled)
-
-    def _measure_drafts(self, step: Step, sampled: list[list[int]]) -> None:
-        """Tell the draft policy what this step took and what the drafts offered won."""
-        policy = self.draft_policy
-        if step.decoding and step.to_sample:
-            policy.record_step(step.num_rows, time.perf_counter() - step.started)
-        for r in step.to_sample:
-            if r.state.req_id in self._offered:
-                policy.record_gain(r.state, len(sampled[r.index]) - 1)
 
     def take_draft_token_ids(self):
         """vLLM asks after every step (speculative decoding); None when nothing to give."""

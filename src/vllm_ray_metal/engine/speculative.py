@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from vllm_ray_metal.engine import draft
+
 METHODS = ("ngram", "draft_model")  # what the runner proposes with (config.py refuses others)
 
 MAX_VERIFY_ROWS = 32
@@ -90,6 +92,7 @@ class DraftPolicy:
         self.decisions: dict[int, int] = {}
         self.prior = 1.0  # tokens a request's drafts are expected to win, before its own
         self.offered = 0  # drafts offered at the last proposal (0: none)
+        self.offered_to: set[str] = set()  # the requests they were offered to
         self.proposing_s = 0.0  # what proposing them took
 
     def offer(self, states: list, k: int) -> bool:
@@ -104,6 +107,15 @@ class DraftPolicy:
         gain = sum(self.prior if s.spec_gain is None else s.spec_gain for s in states)
         better = (n + gain) / drafted > n / plain
         return better != (count % self.PROBE_EVERY == 0)
+
+    def measure(self, step, sampled: list[list[int]]) -> None:
+        """What the runner's step (``requests.Step``) just took, if every row decoded, and
+        what the drafts offered to its requests won (``sampled``: tokens per row)."""
+        if step.decoding and step.to_sample:
+            self.record_step(step.num_rows, time.perf_counter() - step.started)
+        for r in step.to_sample:
+            if r.state.req_id in self.offered_to:
+                self.record_gain(r.state, len(sampled[r.index]) - 1)
 
     def record_step(self, requests: int, seconds: float) -> None:
         """A decode step of ``requests`` rows ran (each offered ``self.offered`` drafts at
@@ -129,10 +141,24 @@ def next_drafts(proposer, states: list, k: int, budget: int = MAX_VERIFY_ROWS,
     k = min(k, budget // max(len(states), 1) - 1)
     if k < 1 or (policy is not None and not policy.offer(states, k)):
         if policy is not None:
-            policy.offered, policy.proposing_s = 0, 0.0
+            policy.offered, policy.offered_to, policy.proposing_s = 0, set(), 0.0
         return [[] for _ in states]
     start = time.perf_counter()
     drafts = proposer.propose_all(states, k)
     if policy is not None:
         policy.offered, policy.proposing_s = k, time.perf_counter() - start
+        policy.offered_to = {s.req_id for s in states}
     return drafts
+
+
+def proposer_for(vllm_config, dtype) -> NgramProposer | draft.DraftModel | None:
+    """The proposer ``speculative_config`` asks for (None without one)."""
+    spec, model = vllm_config.speculative_config, vllm_config.model_config
+    if spec is None:
+        return None
+    if spec.method == "draft_model":
+        return draft.DraftModel(spec.draft_model_config,
+                                str(model.dtype).removeprefix("torch."), dtype,
+                                vllm_config.cache_config.block_size, model.max_model_len)
+    return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                         spec.prompt_lookup_max, model.max_model_len)
