@@ -139,9 +139,15 @@ def test_structured_output_under_speculation(plain, spec, model_dir, prompts):
 def test_prefix_hits_and_preemption_under_speculation(model_dir, plain, prompts):
     """Rejected drafts' KV slots are rewritten, preempted requests recompute, and
     prefix-cache hits skip blocks: outputs stay the non-speculative ones."""
+    check_tight_cache(model_dir, plain, prompts, NGRAM, 12 * BLOCK_BYTES)
+
+
+def check_tight_cache(model_dir, plain, prompts, speculative_config, kv_bytes) -> None:
+    """Four 60-token prompts in 12 blocks' worth of KV (preemptions), then the first
+    again (a prefix-cache hit): the tokens are the non-speculative ones."""
     short = [p[:60] for p in prompts[2:6]]
-    tight = make_llm(model_dir, max_model_len=128, speculative_config=NGRAM,
-                     disable_log_stats=False, kv_cache_memory_bytes=12 * BLOCK_BYTES)
+    tight = make_llm(model_dir, max_model_len=128, speculative_config=speculative_config,
+                     disable_log_stats=False, kv_cache_memory_bytes=kv_bytes)
     try:
         together = [list(o.token_ids) for o in generate(tight, short, greedy())]
         preemptions = counter(tight, "vllm:num_preemptions")
@@ -200,19 +206,7 @@ def test_draft_model_logprobs_and_seeded_sampling(plain, drafted, prompts):
 def test_draft_model_under_prefix_hits_and_preemption(model_dir, plain, prompts,
                                                       draft_config):
     """A preempted request's draft KV is rebuilt in its new blocks; a prefix-cache hit
-    gives the target's KV only, so the draft catches up over the whole prompt."""
-    short = [p[:60] for p in prompts[2:6]]
+    reuses only the blocks the draft itself filled with the same tokens."""
     draft_block = 16 * 2 * 29 * 3 * 64 * 4
-    tight = make_llm(model_dir, max_model_len=128, speculative_config=draft_config,
-                     disable_log_stats=False,
-                     kv_cache_memory_bytes=12 * (BLOCK_BYTES + draft_block))
-    try:
-        together = [list(o.token_ids) for o in generate(tight, short, greedy())]
-        preemptions = counter(tight, "vllm:num_preemptions")
-        again = generate(tight, short[:1], greedy())[0]
-    finally:
-        shutdown_llm(tight)
-    reference = [list(o.token_ids) for o in generate(plain, short, greedy())]
-    assert preemptions > 0
-    assert together == reference
-    assert list(again.token_ids) == reference[0]
+    check_tight_cache(model_dir, plain, prompts, draft_config,
+                      12 * (BLOCK_BYTES + draft_block))
