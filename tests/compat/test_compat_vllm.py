@@ -320,8 +320,11 @@ def test_a_new_offline_adapter_is_read_through_add_lora_before_admission(monkeyp
 
     assert "lora_request" in inspect.signature(LLMEngine.add_request).parameters
     admitted = []
+    # As an earlier in-process engine leaves it: our wrapper installed (undone afterwards).
+    monkeypatch.setattr(LLMEngine, "add_request", LLMEngine.add_request)
+    compat_vllm.read_adapters_before_admission()
 
-    @functools.wraps(LLMEngine.add_request)  # (same signature)
+    @functools.wraps(LLMEngine.add_request)  # (same signature; copies our wrapper's tag)
     def recorded(self, request_id, prompt, params, *args, **kwargs):
         admitted.append(request_id)
         return request_id

@@ -145,6 +145,16 @@ def compilation_times(language_model: float = 0.0, encoder: float = 0.0) -> Any:
     return CompilationTimes(language_model=language_model, encoder=encoder)
 
 
+def _mark(fn: Any) -> None:
+    """Tag one of our patches with itself: a copy made by functools.wraps carries the tag
+    but not the identity, so it is not mistaken for the patch."""
+    fn._vllm_ray_metal_patch = fn
+
+
+def _ours(fn: Any) -> bool:
+    return getattr(fn, "_vllm_ray_metal_patch", None) is fn
+
+
 # vllm.v1.engine.core.cleanup_dist_env_and_memory (imported there from
 # vllm.distributed.parallel_state). For any platform that is not vLLM's CpuPlatform it
 # calls torch.accelerator.empty_cache(), which raises on a torch build without an
@@ -158,7 +168,7 @@ def guard_accelerator_cleanup() -> None:
     import vllm.v1.engine.core as engine_core
 
     original = engine_core.cleanup_dist_env_and_memory
-    if getattr(original, "_vllm_ray_metal_guard", False):
+    if _ours(original):
         return
 
     def cleanup(*args: Any, **kwargs: Any) -> None:
@@ -168,7 +178,7 @@ def guard_accelerator_cleanup() -> None:
             if "accelerator" not in str(exc):
                 raise
 
-    cleanup._vllm_ray_metal_guard = True  # type: ignore[attr-defined]
+    _mark(cleanup)
     engine_core.cleanup_dist_env_and_memory = cleanup
 
 
@@ -184,7 +194,7 @@ def read_adapters_before_admission() -> None:
     from vllm.v1.engine.llm_engine import LLMEngine
 
     original = LLMEngine.add_request
-    if getattr(original, "_vllm_ray_metal_lora", False):
+    if _ours(original):
         return
     signature = inspect.signature(original)
 
@@ -198,7 +208,7 @@ def read_adapters_before_admission() -> None:
                 known.add(lora.lora_int_id)
         return original(self, *args, **kwargs)
 
-    add_request._vllm_ray_metal_lora = True  # type: ignore[attr-defined]
+    _mark(add_request)
     LLMEngine.add_request = add_request
 
 
@@ -212,7 +222,7 @@ def serve_bad_adapters_as_400() -> None:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
     original = OpenAIServingModels.load_lora_adapter
-    if getattr(original, "_vllm_ray_metal_lora", False):
+    if _ours(original):
         return
 
     async def load_lora_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -222,7 +232,7 @@ def serve_bad_adapters_as_400() -> None:
             error.code, error.type = 400, "BadRequestError"
         return out
 
-    load_lora_adapter._vllm_ray_metal_lora = True  # type: ignore[attr-defined]
+    _mark(load_lora_adapter)
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
 
 
