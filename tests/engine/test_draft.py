@@ -1,7 +1,7 @@
 """The draft model's proposal loop (``engine/draft.py``) on a tiny in-memory model: its
 proposals are the model's own greedy continuation (reference: recomputing every
 position from scratch, no cache), before and after verification accepts some of them,
-and its KV is trusted exactly as far as the request's real tokens match what it fed."""
+read from the paged pool or from a mirror of it, and its KV is trusted exactly as far as the request's real tokens match what it fed."""
 
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ def greedy(model, tokens: list[int], n: int) -> list[int]:
     return out[len(tokens):]
 
 
-@pytest.fixture(scope="module")
-def drafter():
+# the pool alone; a mirror that holds every request; one too small for the long prompt
+# (those proposals fall back to the pool)
+@pytest.fixture(scope="module", params=[0, 8192, 600], ids=["pool", "mirror", "tight"])
+def drafter(request):
     model = mlx_llama(norm_weights_seed=1)
     config = SimpleNamespace(model="tiny", revision=None,
                              get_total_num_hidden_layers=lambda: 2,
                              get_total_num_kv_heads=lambda: 2, get_head_size=lambda: 16)
     d = draft.DraftModel(config, "float32", mx.float32, BLOCK, max_model_len=2048)
     d.model = model
-    d.init_pool(200)
+    d.init_pool(200, request.param)
     d.warm_up()
     return d
 
@@ -58,6 +60,8 @@ def test_proposals_are_the_drafts_greedy_continuation_across_rounds(drafter):
         got = drafter.propose_all(states, K)
         want = [greedy(model, s.token_array().tolist(), K) for s in states]
         assert got == want, f"round {round_}"
+        mirrored = drafter.mirror is not None and drafter.mirror.max_positions > 4 * 768
+        assert (drafter._slots is not None) == mirrored
         assert [s.draft_computed for s in states] == [s.num_tokens for s in states]
         # verification: a keeps 2 drafts, b all 4, c none; each adds a token of its own
         for s, keep in zip(states, (2, K, 0)):

@@ -182,9 +182,13 @@ def test_draft_policy_offers_drafts_only_where_they_were_measured_to_pay():
     chat = [State() for _ in range(16)]
     assert not policy.offer(chat, 1)  # nothing measured: plain decoding first
     policy.offered, policy.proposing_s = 0, 0.0
+    policy.record_step(16, 9.0)  # a first run of its shape: not counted
+    assert not policy.offer(chat, 1)
     policy.record_step(16, 1.0)
-    assert policy.offer(chat, 1)  # then once with drafts
+    assert policy.offer(chat, 1)  # then with drafts
     policy.offered, policy.proposing_s = 1, 0.1
+    policy.record_step(16, 9.0)
+    assert policy.offer(chat, 1)
     policy.record_step(16, 1.5)  # 1.6 s with drafts (proposing included) vs 1.0 s
     for s in chat:  # chat text: drafts seldom accepted
         for _ in range(10):

@@ -4,7 +4,10 @@ The draft runs on every worker, whole (replicated under tensor parallelism: it i
 and each rank then proposes the same tokens without a collective). Its keys and values
 live in a paged pool of its own, addressed by the target's block tables: vLLM reserves
 ``num_speculative_tokens`` slots past every scheduled row for a draft model, so the
-positions the draft writes ahead are always in the request's blocks. A request's draft
+positions the draft writes ahead are always in the request's blocks. Like the target,
+the draft reads its contexts from a contiguous mirror of that pool (:mod:`kv_mirror`)
+when the KV budget has one, so its one-token forwards do not gather every context from
+scattered blocks. A request's draft
 KV is trusted up to ``RequestState.draft_computed`` tokens: what was fed or proposed and
 then turned out to be the request's real tokens. A new request whose prompt hit vLLM's
 prefix cache starts from the leading blocks the draft already filled with the same
@@ -22,6 +25,7 @@ import numpy as np
 
 from vllm_ray_metal.engine import model_loader
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
+from vllm_ray_metal.engine.kv_mirror import KVMirror
 
 CATCH_UP_PIECE = 512  # a long catch-up (a new request's prompt) runs in pieces this long
 CATCH_UP_BATCHED = 16  # catch-ups up to this long share one forward (accepted drafts)
@@ -38,7 +42,9 @@ class DraftModel:
         self.max_model_len = max_model_len
         self.model = None
         self.pool: PagedKVPool | None = None
+        self.mirror: KVMirror | None = None
         self.filled: dict[int, int] = {}  # block id -> prefix hash of the tokens it holds
+        self._slots: dict[str, int] | None = None  # this proposal's mirror slots
 
     def load(self) -> None:
         self.model = model_loader.load(self.config.model, self.dtype_name, None,
@@ -54,10 +60,18 @@ class DraftModel:
         layers, kv_heads, head_size = self.kv_layout()
         return 2 * layers * kv_heads * head_size * self.dtype.size * self.block_size
 
-    def init_pool(self, num_blocks: int) -> None:
+    def init_pool(self, num_blocks: int, mirror_positions: int = 0) -> None:
+        """As many blocks as the target's pool; ``mirror_positions``: the target mirror's
+        (the budget keeps the same share of the draft's bytes for it), 0 for none."""
         layers, kv_heads, head_size = self.kv_layout()
         self.pool = PagedKVPool(layers, num_blocks, self.block_size, kv_heads, head_size,
                                 self.dtype)
+        self.mirror = KVMirror(self.pool, mirror_positions) if mirror_positions else None
+
+    def forget(self, req_id: str) -> None:
+        """The request finished, or was resumed in new blocks."""
+        if self.mirror is not None:
+            self.mirror.forget(req_id)
 
     def warm_up(self) -> None:
         layout = build_layout([0], [1], [[0]], self.block_size)
@@ -67,16 +81,46 @@ class DraftModel:
     def _logits(self, hidden: mx.array) -> mx.array:
         return model_loader.compute_logits(self.model, hidden)
 
-    def _forward(self, starts: list[int], rows: list[list[int]], tables: list[list[int]]
-                 ) -> mx.array:
-        """Feed each row's tokens from its start; the hidden state of each row's last."""
-        counts = [len(r) for r in rows]
-        tokens = np.zeros((len(rows), max(counts)), dtype=np.int32)
-        for b, r in enumerate(rows):
-            tokens[b, :len(r)] = r
-        layout = build_layout(starts, counts, tables, self.block_size)
-        hidden = self.model.model(mx.array(tokens), cache=self.pool.layer_caches(layout))
-        return hidden[mx.arange(len(rows)), mx.array(counts) - 1]
+    def _forward(self, states: list, starts: list[int], rows: list[list[int]]) -> mx.array:
+        """Feed each request's tokens from its start; the hidden state of each one's last.
+        With the mirror the forward's batch is the requests' slot range (``self._slots``),
+        slots of requests not in it running as dummies."""
+        where = list(range(len(rows)))
+        batch: list = [(s, start, r) for s, start, r in zip(states, starts, rows)]
+        lo = None
+        if self._slots is not None:
+            slots = [self._slots[s.req_id] for s in states]
+            lo = min(slots)
+            batch = [None] * (max(slots) - lo + 1)
+            where = [slot - lo for slot in slots]
+            for b, row in zip(where, zip(states, starts, rows)):
+                batch[b] = row
+        counts = [len(r[2]) if r else 0 for r in batch]
+        tokens = np.zeros((len(batch), max(counts)), dtype=np.int32)
+        for b, r in enumerate(batch):
+            if r:
+                tokens[b, :counts[b]] = r[2]
+        layout = build_layout([r[1] if r else 0 for r in batch], counts,
+                              [r[0].block_ids if r else [] for r in batch], self.block_size)
+        if lo is None:
+            caches = self.pool.layer_caches(layout)
+        else:
+            caches = self.mirror.layer_caches(layout, lo, [
+                (r[0].req_id, r[1], len(r[2]), r[0].block_ids) if r else None for r in batch])
+        hidden = self.model.model(mx.array(tokens), cache=caches)
+        return hidden[mx.array(where), mx.array([counts[b] for b in where]) - 1]
+
+    def _place(self, states: list, ends: list[int]) -> None:
+        """Mirror slots for this proposal's requests (their contexts up to ``ends``), or
+        the pool alone when they do not fit the mirror."""
+        self._slots = None
+        if self.mirror is not None:
+            placed = self.mirror.place([[(s.req_id, end) for s, end in zip(states, ends)]])
+            if placed is not None:
+                self._slots = {s.req_id: slot for s, slot in zip(states, placed[0])}
+
+    def _arrays(self) -> list[mx.array]:
+        return self.pool.arrays() + (self.mirror.arrays() if self._slots is not None else [])
 
     def propose_all(self, states: list, k: int) -> list[list[int]]:
         """Up to ``k`` greedy draft tokens to follow each request's known tokens.
@@ -100,6 +144,7 @@ class DraftModel:
         drafts: list[list[int]] = [[] for _ in states]
         if not live:
             return drafts
+        self._place([states[i] for i in live], [len(known[i]) + room[i] for i in live])
         # catch up: long ones alone, piece by piece (a new request's prompt would pad every
         # other row to its length), then the short rest in one forward
         last: dict[int, mx.array] = {}  # the hidden state of each row's last known token
@@ -110,14 +155,13 @@ class DraftModel:
             while s.draft_computed < len(tokens):
                 start = s.draft_computed
                 end = min(len(tokens), start + CATCH_UP_PIECE)
-                last[i] = self._forward([start], [tokens[start:end].tolist()],
-                                        [s.block_ids])[0]
-                mx.eval(last[i], self.pool.arrays())
+                last[i] = self._forward([s], [start], [tokens[start:end].tolist()])[0]
+                mx.eval(last[i], self._arrays())
                 s.draft_computed = end
         if short:
-            hidden = self._forward([states[i].draft_computed for i in short],
-                                   [known[i][states[i].draft_computed:].tolist() for i in short],
-                                   [states[i].block_ids for i in short])
+            hidden = self._forward([states[i] for i in short],
+                                   [states[i].draft_computed for i in short],
+                                   [known[i][states[i].draft_computed:].tolist() for i in short])
             for b, i in enumerate(short):
                 last[i] = hidden[b]
                 states[i].draft_computed = len(known[i])
@@ -128,9 +172,9 @@ class DraftModel:
         # extend: one token a forward, the rows that still want more
         for j in range(1, max(room[i] for i in live)):
             rows = [i for i in live if room[i] > j]
-            hidden = self._forward([len(known[i]) + j - 1 for i in rows],
-                                   [[drafts[i][-1]] for i in rows],
-                                   [states[i].block_ids for i in rows])
+            hidden = self._forward([states[i] for i in rows],
+                                   [len(known[i]) + j - 1 for i in rows],
+                                   [[drafts[i][-1]] for i in rows])
             nxt = np.asarray(mx.argmax(self._logits(hidden), axis=-1)).tolist()
             for i, t in zip(rows, nxt):
                 drafts[i].append(int(t))

@@ -134,8 +134,6 @@ class MLXModelRunner:
         layers, kv_heads, head_size = self.kv_layout()
         self.kv_pool = PagedKVPool(layers, kv_cache_config.num_blocks, self.block_size,
                                    kv_heads, head_size, self.dtype)
-        if self.draft is not None:
-            self.draft.init_pool(kv_cache_config.num_blocks)
         self.mirror, positions = None, 0
         if self.mirror_budget:
             # Every rank must choose the mirror or the pool alike (the forwards' shapes
@@ -147,6 +145,8 @@ class MLXModelRunner:
                 per_position = self.kv_pool.bytes_per_block // self.block_size
                 positions = min(positions, self.mirror_budget // per_position)
             self.mirror = KVMirror(self.kv_pool, positions)
+        if self.draft is not None:  # (its mirror: the same share of its own bytes per block)
+            self.draft.init_pool(kv_cache_config.num_blocks, positions)
         logger.info("Paged KV cache: %d blocks of %d tokens (%.1f MiB at full size); "
                     "mirror for attention: %d positions at most",
                     kv_cache_config.num_blocks, self.block_size,
@@ -169,8 +169,7 @@ class MLXModelRunner:
     def _update_states(self, so) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
-            if self.mirror is not None:
-                self.mirror.forget(req_id)
+            self._forget(req_id)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             if new.prompt_token_ids is None:
@@ -206,10 +205,15 @@ class MLXModelRunner:
                 state.block_ids = list(new_blocks[0])
                 # new blocks: the draft's KV is only what its prefix cache holds
                 state.draft_computed, state.draft_proposed, state.draft_recorded = 0, [], 0
-                if self.mirror is not None:  # new blocks: refill its slot from them
-                    self.mirror.forget(req_id)
+                self._forget(req_id)  # new blocks: mirror slots are refilled from them
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])
+
+    def _forget(self, req_id: str) -> None:
+        if self.mirror is not None:
+            self.mirror.forget(req_id)
+        if self.draft is not None:
+            self.draft.forget(req_id)
 
     def _forward_groups(self, rows: list[Row]) -> list[list[Row]]:
         return step_plan.forward_groups(rows, self.block_size)

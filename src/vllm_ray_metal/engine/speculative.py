@@ -78,7 +78,9 @@ class DraftPolicy:
     model's proposing included) per number of decoding requests, and each request keeps
     a running mean of the tokens its drafts won. Drafts are offered while
     ``(n + expected extra tokens) / time with drafts`` beats ``n / time without``; the
-    other choice is still tried now and then, as contexts grow and costs move.
+    other choice is still tried now and then, as contexts grow and costs move. The first
+    step of each kind is not counted: a new forward shape pays for its first run (compiled
+    functions are traced per shape), not for what the shape costs afterwards.
     """
 
     SMOOTH = 0.3  # weight of the newest measurement in every running mean
@@ -89,6 +91,7 @@ class DraftPolicy:
             raise ValueError(f"VLLM_RAY_METAL_SPEC_DRAFTS={mode!r}: use measure or always")
         self.always = mode == "always"
         self.cost: dict[tuple[int, int], float] = {}  # (requests, drafts offered) -> s
+        self.warmed: set[tuple[int, int]] = set()  # kinds of step that ran once already
         self.decisions: dict[int, int] = {}
         self.prior = 1.0  # tokens a request's drafts are expected to win, before its own
         self.offered = 0  # drafts offered at the last proposal (0: none)
@@ -121,6 +124,9 @@ class DraftPolicy:
         """A decode step of ``requests`` rows ran (each offered ``self.offered`` drafts at
         the last proposal, which took ``proposing_s``)."""
         key = (requests, self.offered)
+        if key not in self.warmed:
+            self.warmed.add(key)
+            return
         total = seconds + self.proposing_s
         old = self.cost.get(key)
         self.cost[key] = total if old is None else old + self.SMOOTH * (total - old)
