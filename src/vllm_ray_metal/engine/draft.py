@@ -81,34 +81,42 @@ class DraftModel:
     def _logits(self, hidden: mx.array) -> mx.array:
         return model_loader.compute_logits(self.model, hidden)
 
-    def _forward(self, states: list, starts: list[int], rows: list[list[int]]) -> mx.array:
-        """Feed each request's tokens from its start; the hidden state of each one's last.
-        With the mirror the forward's batch is the requests' slot range (``self._slots``),
-        slots of requests not in it running as dummies."""
-        where = list(range(len(rows)))
-        batch: list = [(s, start, r) for s, start, r in zip(states, starts, rows)]
+    def _forward(self, states: list, starts: list[int], rows: list[list[int]] | mx.array
+                 ) -> mx.array:
+        """Feed each request's tokens (``rows``; or one token each, still on the device)
+        from its start; the hidden state of each one's last. With the mirror the forward's
+        batch is the requests' slot range (``self._slots``), other slots as dummies."""
+        on_device = isinstance(rows, mx.array)
+        counts = [1] * len(states) if on_device else [len(r) for r in rows]
+        where = list(range(len(states)))
         lo = None
         if self._slots is not None:
             slots = [self._slots[s.req_id] for s in states]
             lo = min(slots)
-            batch = [None] * (max(slots) - lo + 1)
             where = [slot - lo for slot in slots]
-            for b, row in zip(where, zip(states, starts, rows)):
-                batch[b] = row
-        counts = [len(r[2]) if r else 0 for r in batch]
-        tokens = np.zeros((len(batch), max(counts)), dtype=np.int32)
-        for b, r in enumerate(batch):
-            if r:
-                tokens[b, :counts[b]] = r[2]
-        layout = build_layout([r[1] if r else 0 for r in batch], counts,
+        width = len(states) if lo is None else max(where) + 1
+        batch: list = [None] * width  # (state, start, count) of each row of the forward
+        for b, s, start, n in zip(where, states, starts, counts):
+            batch[b] = (s, start, n)
+        if on_device:  # dummy rows feed token 0 (the last of ``padded``)
+            index = np.full(width, len(states), np.int32)
+            index[where] = np.arange(len(states))
+            padded = mx.concatenate([rows.astype(mx.int32), mx.zeros((1,), mx.int32)])
+            tokens = padded[mx.array(index)][:, None]
+        else:
+            fed = np.zeros((width, max(counts)), dtype=np.int32)
+            for b, r in zip(where, rows):
+                fed[b, :len(r)] = r
+            tokens = mx.array(fed)
+        layout = build_layout([r[1] if r else 0 for r in batch], [r[2] if r else 0 for r in batch],
                               [r[0].block_ids if r else [] for r in batch], self.block_size)
         if lo is None:
             caches = self.pool.layer_caches(layout)
         else:
             caches = self.mirror.layer_caches(layout, lo, [
-                (r[0].req_id, r[1], len(r[2]), r[0].block_ids) if r else None for r in batch])
-        hidden = self.model.model(mx.array(tokens), cache=caches)
-        return hidden[mx.array(where), mx.array([counts[b] for b in where]) - 1]
+                (r[0].req_id, r[1], r[2], r[0].block_ids) if r else None for r in batch])
+        hidden = self.model.model(tokens, cache=caches)
+        return hidden[mx.array(where), mx.array(counts) - 1]
 
     def _place(self, states: list, ends: list[int]) -> None:
         """Mirror slots for this proposal's requests (their contexts up to ``ends``), or
@@ -165,18 +173,26 @@ class DraftModel:
             for b, i in enumerate(short):
                 last[i] = hidden[b]
                 states[i].draft_computed = len(known[i])
-        nxt = np.asarray(mx.argmax(self._logits(mx.stack([last[i] for i in live])),
-                                   axis=-1)).tolist()
-        for i, t in zip(live, nxt):
-            drafts[i].append(int(t))
-        # extend: one token a forward, the rows that still want more
+        # extend: one token a forward, the rows that still want more; each forward is fed
+        # the last one's argmax on the device, queued while the next is being built
+        # (mlx-lm's speculative loop does the same), and read back once at the end
+        rows = live
+        nxt = mx.argmax(self._logits(mx.stack([last[i] for i in live])), axis=-1)
+        mx.async_eval(nxt)
+        outs = [(rows, nxt)]
         for j in range(1, max(room[i] for i in live)):
-            rows = [i for i in live if room[i] > j]
+            more = [i for i in rows if room[i] > j]
+            if more != rows:
+                nxt = nxt[mx.array([rows.index(i) for i in more])]
+            rows = more
             hidden = self._forward([states[i] for i in rows],
-                                   [len(known[i]) + j - 1 for i in rows],
-                                   [[drafts[i][-1]] for i in rows])
-            nxt = np.asarray(mx.argmax(self._logits(hidden), axis=-1)).tolist()
-            for i, t in zip(rows, nxt):
+                                   [len(known[i]) + j - 1 for i in rows], nxt)
+            nxt = mx.argmax(self._logits(hidden), axis=-1)
+            mx.async_eval(nxt)
+            outs.append((rows, nxt))
+        mx.eval([out for _, out in outs], self._arrays())
+        for rows, out in outs:
+            for i, t in zip(rows, np.asarray(out).tolist()):
                 drafts[i].append(int(t))
         for i in live:
             states[i].draft_proposed = drafts[i]
