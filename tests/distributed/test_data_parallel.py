@@ -76,7 +76,7 @@ def test_vllm_serve_dp2_spreads_requests(four_units, tiny, prompts, dp1, tmp_pat
     with ServeProcess(four_units, tiny, log, "--max-model-len", "512",
                       "--kv-cache-memory-bytes", str(64 << 20), "--data-parallel-size", "2",
                       "--data-parallel-backend", "ray") as srv:
-        srv.wait_healthy(timeout=400)
+        srv.wait_healthy()
 
         def complete(ids: list[int]) -> list[int]:
             res = post(srv.base + "/v1/completions", {

@@ -117,9 +117,10 @@ class MLXModelRunner:
 
     def split_kv_budget(self, budget: int, bytes_per_block: int) -> int:
         """The paged pool's share of the KV budget (what vLLM is told); the draft model's
-        pool (as many blocks, its own bytes per block) and the mirror
-        (``VLLM_RAY_METAL_KV_MIRROR``) keep the rest, the mirror never so much that one
-        max-length request would no longer fit the pool."""
+        pool (as many blocks, its own bytes per block) and the mirrors
+        (``VLLM_RAY_METAL_KV_MIRROR``, the same share of the target's and the draft's
+        bytes) keep the rest, a mirror never so much that one max-length request would no
+        longer fit the pool."""
         if self.draft is not None:
             draft_block = self.draft.bytes_per_block()
             budget = budget * bytes_per_block // (bytes_per_block + draft_block)

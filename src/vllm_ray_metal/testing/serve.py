@@ -103,7 +103,12 @@ def metric(base: str, name: str) -> float:
                and line[len(name)] in "{ ")
 
 
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+# A server starts in about a minute here; at the start of the suite it shares two cores
+# with a four-raylet cluster's start and its engines, and one CI run took over 300 s.
+START_TIMEOUT = 600
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -138,7 +143,7 @@ class ServeProcess:
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.pids: set[int] = {self.proc.pid}
 
-    def wait_healthy(self, timeout: float = 300) -> None:
+    def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
         wait_healthy(self.base, self.proc, timeout)
         self.record_pids()
 
