@@ -1,7 +1,8 @@
 """The draft model's proposal loop (``engine/draft.py``) on a tiny in-memory model: its
 proposals are the model's own greedy continuation (reference: recomputing every
 position from scratch, no cache), before and after verification accepts some of them,
-read from the paged pool or from a mirror of it, and its KV is trusted exactly as far as the request's real tokens match what it fed."""
+read from the paged pool or from a mirror of it, and its KV is trusted exactly as far
+as the request's real tokens match what it fed."""
 
 from __future__ import annotations
 

@@ -7,15 +7,14 @@ live in a paged pool of its own, addressed by the target's block tables: vLLM re
 positions the draft writes ahead are always in the request's blocks. Like the target,
 the draft reads its contexts from a contiguous mirror of that pool (:mod:`kv_mirror`)
 when the KV budget has one, so its one-token forwards do not gather every context from
-scattered blocks. A request's draft
-KV is trusted up to ``RequestState.draft_computed`` tokens: what was fed or proposed and
-then turned out to be the request's real tokens. A new request whose prompt hit vLLM's
-prefix cache starts from the leading blocks the draft already filled with the same
-tokens (each full block it filled is recorded with a hash of every token up to its
-end), so a long chat's next turn does not run the whole conversation through the draft.
-Proposals are the draft's argmax, a deterministic proposal, so the target's verification
-(``sampler.verify``) keeps the output distribution exactly that of non-speculative
-sampling.
+scattered blocks. A request's draft KV is trusted up to ``RequestState.draft_computed``
+tokens: what was fed or proposed and then turned out to be the request's real tokens. A
+new request whose prompt hit vLLM's prefix cache starts from the leading blocks the
+draft already filled with the same tokens (each full block it filled is recorded with a
+hash of every token up to its end), so a long chat's next turn does not run the whole
+conversation through the draft. Proposals are the draft's argmax, a deterministic
+proposal, so the target's verification (``sampler.verify``) keeps the output
+distribution exactly that of non-speculative sampling.
 """
 
 from __future__ import annotations
@@ -108,7 +107,8 @@ class DraftModel:
             for b, r in zip(where, rows):
                 fed[b, :len(r)] = r
             tokens = mx.array(fed)
-        layout = build_layout([r[1] if r else 0 for r in batch], [r[2] if r else 0 for r in batch],
+        layout = build_layout([r[1] if r else 0 for r in batch],
+                              [r[2] if r else 0 for r in batch],
                               [r[0].block_ids if r else [] for r in batch], self.block_size)
         if lo is None:
             caches = self.pool.layer_caches(layout)
