@@ -68,6 +68,7 @@ def test_proposals_are_the_drafts_greedy_continuation_across_rounds(drafter):
         for s, keep in zip(states, (2, K, 0)):
             bonus = (got[states.index(s)][keep] + 1) % 97 if keep < K else 7
             s.output_token_ids.extend(got[states.index(s)][:keep] + [bonus])
+        assert drafter.lag(states) == K + 1  # b's four accepted drafts and its bonus token
 
 
 def test_draft_kv_is_trusted_as_far_as_the_real_tokens_match():

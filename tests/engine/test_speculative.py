@@ -193,8 +193,9 @@ def test_draft_policy_offers_drafts_only_where_they_were_measured_to_pay():
     for s in chat:  # chat text: drafts seldom accepted
         for _ in range(10):
             policy.record_gain(s, 0)
-    choices = [policy.offer(chat, 1) for _ in range(32)]
-    assert choices.count(True) == 2  # plain, but the other choice is tried now and then
+    choices = [policy.offer(chat, 1) for _ in range(64)]
+    # plain, but drafts are tried now and then: every 16 x 1.6 decisions (their cost)
+    assert choices.count(True) == 2 and choices.index(True) == 25
     for s in chat:  # quoting a document: nearly every draft accepted
         for _ in range(10):
             policy.record_gain(s, 1)
@@ -205,6 +206,17 @@ def test_draft_policy_offers_drafts_only_where_they_were_measured_to_pay():
     for s in chat:
         s.spec_gain = 0.2
     assert policy.offer(chat, 1)
+    # a draft model as costly as the target: a drafted step (4 proposals) costs 9 plain
+    # ones, so even 4 accepted drafts lose, and it is tried only every 16 x 9 decisions
+    one = [State()]
+    drafting = DraftPolicy()
+    drafting.cost = {(1, 0): 0.05, (1, 4): 0.45}
+    drafting.prior = 4.0
+    assert [drafting.offer(one, 4) for _ in range(288)].count(True) == 2
+    # and not while the draft lags far behind (a trial would first run it over every
+    # token it missed), but as soon as it is close behind
+    assert not any(drafting.offer(one, 4, lag=100) for _ in range(300))
+    assert drafting.offer(one, 4, lag=3)
     assert DraftPolicy("always").offer(chat, 1)  # VLLM_RAY_METAL_SPEC_DRAFTS=always
     with pytest.raises(ValueError, match="measure or always"):
         DraftPolicy("sometimes")

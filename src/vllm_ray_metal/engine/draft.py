@@ -199,6 +199,10 @@ class DraftModel:
             self._record(states[i], known[i], room[i])
         return drafts
 
+    def lag(self, states: list) -> int:
+        """The most tokens one of these requests has that its draft KV lacks (at most)."""
+        return max((s.num_tokens - s.draft_computed for s in states), default=0)
+
     def _cached_prefix(self, state, tokens: np.ndarray) -> int:
         """Tokens at the start of a request the draft's pool already holds: its leading
         blocks that the draft filled with these very tokens (at least one token is left

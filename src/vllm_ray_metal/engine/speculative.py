@@ -67,6 +67,9 @@ class NgramProposer:
     def propose_all(self, states: list, k: int) -> list[list[int]]:
         return [self.propose(s.token_array(), k) for s in states]
 
+    def lag(self, states: list) -> int:
+        return 0  # nothing to catch up: the lookup reads the request's tokens
+
 
 class DraftPolicy:
     """Whether a decode step should carry drafts, decided by measurement on this device.
@@ -78,13 +81,18 @@ class DraftPolicy:
     model's proposing included) per number of decoding requests, and each request keeps
     a running mean of the tokens its drafts won. Drafts are offered while
     ``(n + expected extra tokens) / time with drafts`` beats ``n / time without``; the
-    other choice is still tried now and then, as contexts grow and costs move. The first
+    other choice is still tried now and then, as contexts grow and costs move, the more
+    seldom the more a step of it costs (a draft model's step can cost many plain ones, so
+    its trials would otherwise eat what plain decoding saves), and drafts are not tried
+    while a draft model lags far behind these requests (trying them would first run it
+    over every token it missed). The first
     step of each kind is not counted: a new forward shape pays for its first run (compiled
     functions are traced per shape), not for what the shape costs afterwards.
     """
 
     SMOOTH = 0.3  # weight of the newest measurement in every running mean
-    PROBE_EVERY = 16  # every so many decisions for one batch size, the other choice once
+    PROBE_EVERY = 16  # the other choice once every so many decisions for one batch size,
+    # times how many of the chosen steps a step of it costs
 
     def __init__(self, mode: str = "measure") -> None:
         if mode not in ("measure", "always"):
@@ -92,24 +100,30 @@ class DraftPolicy:
         self.always = mode == "always"
         self.cost: dict[tuple[int, int], float] = {}  # (requests, drafts offered) -> s
         self.warmed: set[tuple[int, int]] = set()  # kinds of step that ran once already
-        self.decisions: dict[int, int] = {}
+        self.since_probe: dict[int, int] = {}  # decisions since the other choice was tried
         self.prior = 1.0  # tokens a request's drafts are expected to win, before its own
         self.offered = 0  # drafts offered at the last proposal (0: none)
         self.offered_to: set[str] = set()  # the requests they were offered to
         self.proposing_s = 0.0  # what proposing them took
 
-    def offer(self, states: list, k: int) -> bool:
-        """Offer ``k`` drafts to each of these decoding requests for the next step?"""
+    def offer(self, states: list, k: int, lag: int = 0) -> bool:
+        """Offer ``k`` drafts to each of these decoding requests for the next step?
+        ``lag``: the most tokens the proposer must catch up on for one of them."""
         if self.always:
             return True
         n = len(states)
-        count = self.decisions[n] = self.decisions.get(n, 0) + 1
         plain, drafted = self.cost.get((n, 0)), self.cost.get((n, k))
         if plain is None or drafted is None:
             return plain is not None  # measure both choices, plain decoding first
         gain = sum(self.prior if s.spec_gain is None else s.spec_gain for s in states)
         better = (n + gain) / drafted > n / plain
-        return better != (count % self.PROBE_EVERY == 0)
+        chosen, other = (drafted, plain) if better else (plain, drafted)
+        count = self.since_probe[n] = self.since_probe.get(n, 0) + 1
+        if count < self.PROBE_EVERY * max(1.0, other / chosen) or \
+                (not better and lag > draft.CATCH_UP_BATCHED):
+            return better
+        self.since_probe[n] = 0
+        return not better
 
     def measure(self, step, sampled: list[list[int]]) -> None:
         """What the runner's step (``requests.Step``) just took, if every row decoded, and
@@ -145,7 +159,7 @@ def next_drafts(proposer, states: list, k: int, budget: int = MAX_VERIFY_ROWS,
     ``policy`` measured that drafts would not pay. ``proposer``: an
     :class:`NgramProposer` or a ``draft.DraftModel`` (``propose_all(states, k)``)."""
     k = min(k, budget // max(len(states), 1) - 1)
-    if k < 1 or (policy is not None and not policy.offer(states, k)):
+    if k < 1 or (policy is not None and not policy.offer(states, k, proposer.lag(states))):
         if policy is not None:
             policy.offered, policy.offered_to, policy.proposing_s = 0, set(), 0.0
         return [[] for _ in states]
