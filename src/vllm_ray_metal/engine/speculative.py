@@ -85,9 +85,9 @@ class DraftPolicy:
     seldom the more a step of it costs (a draft model's step can cost many plain ones, so
     its trials would otherwise eat what plain decoding saves), and drafts are not tried
     while a draft model lags far behind these requests (trying them would first run it
-    over every token it missed). The first
-    step of each kind is not counted: a new forward shape pays for its first run (compiled
-    functions are traced per shape), not for what the shape costs afterwards.
+    over every token it missed). The first step of each kind is not counted: a new
+    forward shape pays for its first run (compiled functions are traced per shape), not
+    for what the shape costs afterwards.
     """
 
     SMOOTH = 0.3  # weight of the newest measurement in every running mean
