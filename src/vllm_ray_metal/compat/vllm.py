@@ -9,7 +9,6 @@ loudly, instead of deep inside a worker. The Ray executor's internals are in
 from __future__ import annotations
 
 import functools
-
 import os
 from typing import Any
 

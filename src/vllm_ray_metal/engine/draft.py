@@ -24,7 +24,7 @@ import numpy as np
 
 from vllm_ray_metal.engine import model_loader
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
-from vllm_ray_metal.engine.kv_mirror import KVMirror
+from vllm_ray_metal.engine.kv_mirror import KVMirror, slot_rows
 
 CATCH_UP_PIECE = 512  # a long catch-up (a new request's prompt) runs in pieces this long
 CATCH_UP_BATCHED = 16  # catch-ups up to this long share one forward (accepted drafts)
@@ -87,13 +87,8 @@ class DraftModel:
         batch is the requests' slot range (``self._slots``), other slots as dummies."""
         on_device = isinstance(rows, mx.array)
         counts = [1] * len(states) if on_device else [len(r) for r in rows]
-        where = list(range(len(states)))
-        lo = None
-        if self._slots is not None:
-            slots = [self._slots[s.req_id] for s in states]
-            lo = min(slots)
-            where = [slot - lo for slot in slots]
-        width = len(states) if lo is None else max(where) + 1
+        lo, where, width = slot_rows(None if self._slots is None else
+                                     [self._slots[s.req_id] for s in states], len(states))
         batch: list = [None] * width  # (state, start, count) of each row of the forward
         for b, s, start, n in zip(where, states, starts, counts):
             batch[b] = (s, start, n)

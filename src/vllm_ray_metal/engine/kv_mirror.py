@@ -190,6 +190,16 @@ class KVMirror:
         return self.keys + self.values
 
 
+def slot_rows(slots: list[int] | None, n: int) -> tuple[int | None, list[int], int]:
+    """A forward's batch for ``n`` rows: over the range of their mirror ``slots`` (slots
+    in between run as dummies), or just the rows without slots (None). Returns the first
+    slot (None without), where each row sits in the batch, and the batch's width."""
+    if slots is None:
+        return None, list(range(n)), n
+    lo = min(slots)
+    return lo, [s - lo for s in slots], max(slots) - lo + 1
+
+
 def _free_run(free: list[int], n: int, near: int | None) -> list[int] | None:
     """``n`` free slots (sorted): the ``n`` nearest ``near`` when the forward has slotted
     rows, else the first ``n`` consecutive ones; None if there are none."""

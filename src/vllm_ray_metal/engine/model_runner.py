@@ -24,7 +24,7 @@ from vllm_ray_metal.compat import vllm as compat_vllm
 from vllm_ray_metal.engine import (draft, grammar, logprobs, lora, model_loader, pipeline,
                                    pooling, sampler, speculative, step_plan)
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
-from vllm_ray_metal.engine.kv_mirror import KVMirror
+from vllm_ray_metal.engine.kv_mirror import KVMirror, slot_rows
 from vllm_ray_metal.engine.requests import RequestState, Row, Step
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's log handlers
@@ -229,15 +229,10 @@ class MLXModelRunner:
     def _run_group(self, group: list[Row], slots: list[int] | None) -> list[mx.array]:
         """One group's forwards (pieces of a long chunk in turn); each row's hidden
         states [>= count, H]."""
-        lo = None
-        batch: list[Row | None] = list(group)
-        if slots is not None:  # the forward covers the slot range, dummies in the gaps
-            lo = min(slots)
-            batch = [None] * (max(slots) - lo + 1)
-            for r, s in zip(group, slots):
-                batch[s - lo] = r
-        # where each row of the group sits in the forward's batch
-        where = [s - lo for s in slots] if slots is not None else list(range(len(group)))
+        lo, where, width = slot_rows(slots, len(group))  # where each row sits in the batch
+        batch: list[Row | None] = [None] * width  # (dummies in the gaps of the slot range)
+        for r, b in zip(group, where):
+            batch[b] = r
         parts: list[list[mx.array]] = [[] for _ in group]
         pieces = step_plan.pieces(group, self.block_size)
         for piece in pieces:
