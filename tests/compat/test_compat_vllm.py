@@ -99,8 +99,9 @@ def test_scheduler_output_has_the_fields_the_runner_reads():
     assert {"scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
             "finished_req_ids", "scheduled_spec_decode_tokens",
             "num_spec_tokens_to_schedule"} <= so
-    # speculative decoding: the runner's proposals go back through the worker's
-    # take_draft_token_ids, which the executor calls by name after each step
+    # speculative decoding: the engine asks the executor's take_draft_token_ids after each
+    # step; upstream's asks the worker's by name, ours (overriding execute_model and
+    # sample_tokens with upstream's parameters) reads them from the step's output
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
     from vllm.v1.outputs import DraftTokenIds, LogprobsLists
 
@@ -108,6 +109,10 @@ def test_scheduler_output_has_the_fields_the_runner_reads():
 
     assert "take_draft_token_ids" in vars(MultiprocExecutor)
     assert "take_draft_token_ids" in vars(MLXWorker)
+    for method, first in (("execute_model", "scheduler_output"),
+                          ("sample_tokens", "grammar_output")):
+        params = inspect.signature(getattr(MultiprocExecutor, method)).parameters
+        assert list(params) == ["self", first, "non_block"]
     assert {f.name for f in dataclasses.fields(DraftTokenIds)} == {"req_ids",
                                                                    "draft_token_ids"}
     assert "cu_num_generated_tokens" in LogprobsLists._fields
@@ -311,6 +316,23 @@ def test_message_queue_round_trip_across_threads():
     start = time.perf_counter()
     writer.enqueue({"x": 1})
     assert reader.dequeue(timeout=5) == {"x": 1} and time.perf_counter() - start < 5
+
+
+def test_drafts_ride_on_a_step_output_through_the_workers_queue():
+    """RayMetalExecutor takes the next step's drafts from the step's output: the extra
+    attribute survives the shm queue's pickling and is removed when read; an output
+    without it says so (the executor then asks the worker, as upstream does)."""
+    writer, reader = queue_pair()
+    drafts = compat_vllm.draft_token_ids(["a", "b"], [[5, 6], []])
+    output = compat_vllm.model_runner_output(["a", "b"], [[1], [2]], None, {})
+    writer.enqueue(compat_vllm.attach_drafts(output, drafts))
+    received = reader.dequeue(timeout=5)
+    carried, got = compat_vllm.detach_drafts(received)
+    assert carried and got.req_ids == ["a", "b"] and got.draft_token_ids == [[5, 6], []]
+    assert compat_vllm.detach_drafts(received) == (False, None)  # taken once
+    assert received.sampled_token_ids == [[1], [2]]
+    assert compat_vllm.detach_drafts(None) == (False, None)
+    assert compat_vllm.detach_drafts(compat_vllm.empty_model_runner_output()) == (False, None)
 
 
 def test_a_new_offline_adapter_is_read_through_add_lora_before_admission(monkeypatch):

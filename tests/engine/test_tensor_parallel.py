@@ -85,6 +85,8 @@ def test_tp3_on_default_model_with_speculation_equals_reference(four_units, mode
         env=DRAFTS_EVERY_STEP).ok()
     assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
     assert res["metrics"][accepted] > 0
+    # the drafts came back with each step's output, not through a second RPC a step
+    assert [w["draft_rpcs"] for w in res["workers"]] == [0, 0, 0]
     assert len({w["host_ip"] for w in res["workers"]}) == 3
     assert all(w["vocab_split"] for w in res["workers"])
 
@@ -106,7 +108,7 @@ def test_tp3_with_the_model_as_its_own_draft_equals_reference(four_units, model_
     assert res["outputs"] == [hf_greedy(hf_reference, p, NEW_TOKENS) for p in prompts]
     accepted, drafted = (res["metrics"][n] for n in names)
     assert accepted == drafted > NEW_TOKENS
-    assert all(w["draft_bytes"] > 0 for w in res["workers"])
+    assert all(w["draft_bytes"] > 0 and w["draft_rpcs"] == 0 for w in res["workers"])
 
 
 @pytest.mark.unit

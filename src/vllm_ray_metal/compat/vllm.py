@@ -118,6 +118,27 @@ def draft_token_ids(req_ids: list[str], drafts: list[list[int]]) -> Any:
     return DraftTokenIds(req_ids=req_ids, draft_token_ids=drafts)
 
 
+# vllm.v1.outputs.ModelRunnerOutput is a plain dataclass that the executor's shm queue
+# pickles whole, instance attributes included, so the step's drafts can ride on its
+# output: RayMetalExecutor answers EngineCore.post_step's take_draft_token_ids from
+# them instead of a second round trip to the worker each step
+DRAFTS_ATTR = "vllm_ray_metal_drafts"
+
+
+def attach_drafts(output: Any, drafts: Any) -> Any:
+    """``output`` carrying ``drafts`` (a ``DraftTokenIds``) to the executor."""
+    setattr(output, DRAFTS_ATTR, drafts)
+    return output
+
+
+def detach_drafts(output: Any) -> tuple[bool, Any]:
+    """(whether ``output`` carried drafts, the drafts), removing them from it."""
+    attrs = getattr(output, "__dict__", {})
+    if DRAFTS_ATTR not in attrs:
+        return False, None
+    return True, attrs.pop(DRAFTS_ATTR)
+
+
 # vllm.v1.outputs.ModelRunnerOutput
 def model_runner_output(req_ids: list[str], sampled: list[list[int]], logprobs: Any,
                         prompt_logprobs: dict[str, Any],

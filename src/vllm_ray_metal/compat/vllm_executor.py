@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import ray
@@ -28,7 +29,7 @@ from vllm.v1.executor.ray_utils import (WORKER_SPECIFIC_ENV_VARS, build_actor_na
                                         get_bundles_sorted_by_node)
 
 from vllm_ray_metal.compat.ray import node_ip
-from vllm_ray_metal.compat.vllm import guard_accelerator_cleanup
+from vllm_ray_metal.compat.vllm import detach_drafts, guard_accelerator_cleanup
 
 __all__ = ["HookedRayExecutor", "MessageQueue", "RayWorkerHandle", "RayWorkerProc",
            "bundles_by_node"]
@@ -84,6 +85,40 @@ class HookedRayExecutor(RayExecutorV2):
     def after_start(self) -> None:
         """Called once every worker is up and the monitor runs."""
 
+    # ---- speculative decoding's drafts ---------------------------------------------
+    # EngineCore.post_step calls take_draft_token_ids after every step, upstream a
+    # collective_rpc: a second round trip whose reply follows the step's within a
+    # millisecond, when the worker's zmq notification is often dropped, so the read
+    # waits out a poll step. Our workers attach the drafts to the step's output
+    # (compat.vllm.attach_drafts); once one has, they are taken from there.
+    def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:
+        return self._keeping_drafts(super().execute_model(scheduler_output,
+                                                          non_block=non_block))
+
+    def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:
+        return self._keeping_drafts(super().sample_tokens(grammar_output,
+                                                          non_block=non_block))
+
+    def take_draft_token_ids(self) -> Any:
+        if not self._drafts_ride_outputs:
+            return super().take_draft_token_ids()
+        drafts, self._step_drafts = self._step_drafts, None
+        return drafts
+
+    def _keeping_drafts(self, result: Any) -> Any:
+        if isinstance(result, Future):
+            result.add_done_callback(
+                lambda f: f.cancelled() or f.exception() is not None
+                or self._keep_drafts(f.result()))
+        else:
+            self._keep_drafts(result)
+        return result
+
+    def _keep_drafts(self, output: Any) -> None:
+        carried, drafts = detach_drafts(output)
+        if carried:
+            self._drafts_ride_outputs, self._step_drafts = True, drafts
+
     # ---- upstream's steps -----------------------------------------------------------
     def _init_executor(self) -> None:
         guard_accelerator_cleanup()
@@ -92,6 +127,7 @@ class HookedRayExecutor(RayExecutorV2):
         self.failure_callback = None
         self.shutting_down = False
         self.shutdown_lock = threading.Lock()
+        self._drafts_ride_outputs, self._step_drafts = False, None
 
         tp_size, pp_size, pcp_size = self._get_parallel_sizes()  # (also sets world_size)
         placement_group = self.place_workers()

@@ -371,11 +371,15 @@ class MLXModelRunner:
             drafts = speculative.next_drafts(self.proposer, states, step.num_spec_tokens,
                                              policy=self.draft_policy)
             self._drafts = compat_vllm.draft_token_ids([s.req_id for s in states], drafts)
-        return compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
-                                               step.prompt_logprobs, step.pooled)
+        output = compat_vllm.model_runner_output(step.req_ids, sampled, sample_logprobs,
+                                                 step.prompt_logprobs, step.pooled)
+        if self._drafts is not None:  # (with the output: no round trip to fetch them)
+            compat_vllm.attach_drafts(output, self._drafts)
+        return output
 
     def take_draft_token_ids(self):
-        """vLLM asks after every step (speculative decoding); None when nothing to give."""
+        """vLLM's executors ask after every step (speculative decoding; RayMetalExecutor
+        reads them from the step's output instead); None when nothing to give."""
         drafts, self._drafts = self._drafts, None
         return drafts
 

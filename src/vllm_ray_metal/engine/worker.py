@@ -30,6 +30,7 @@ class MLXWorker(WorkerBase):
     """One model replica (or, with tensor/pipeline parallelism, one rank of it)."""
 
     model_runner: MLXModelRunner
+    draft_rpcs = 0  # take_draft_token_ids calls (node_info; tests)
 
     def init_device(self) -> None:
         compat_vllm.guard_accelerator_cleanup()  # in-process (uni) executors share our process
@@ -65,6 +66,7 @@ class MLXWorker(WorkerBase):
                 "layer_weight_bytes": getattr(runner, "layer_weight_bytes", None),
                 "lora_bytes": getattr(runner, "lora_bytes", None),
                 "draft_bytes": getattr(runner, "draft_bytes", None),
+                "draft_rpcs": self.draft_rpcs,
                 "group_size": self.group.size() if self.group is not None else 1,
                 "vocab_split": model_loader.splits_vocab(runner.model, runner.vocab_group),
                 "layers": list(runner.stage_layers())}
@@ -132,6 +134,7 @@ class MLXWorker(WorkerBase):
         return self.model_runner.sample_tokens(grammar_output)
 
     def take_draft_token_ids(self):
+        self.draft_rpcs += 1  # (RayMetalExecutor takes drafts from the step's output)
         return self.model_runner.take_draft_token_ids()
 
     def get_supported_tasks(self) -> tuple[str, ...]:
