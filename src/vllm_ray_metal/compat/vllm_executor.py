@@ -5,8 +5,10 @@ Upstream's ``RayExecutorV2._init_executor`` hard-codes the worker actor class
 up to 1800 s), the device-id query (``get_accelerator_ids()[key]``, a ``KeyError`` for a
 custom key) and empty per-worker environments. :class:`HookedRayExecutor` runs the same
 steps in the same order, with those four decisions behind methods a subclass provides;
-``patches/`` proposes the first two hooks upstream. Everything else (queues, actor
-names, driver environment, the worker monitor, shutdown) is upstream's own code.
+``patches/`` proposes the first two hooks upstream. It also takes speculative
+decoding's drafts from each step's output rather than by a second call to the worker.
+Everything else (queues, actor names, driver environment, the worker monitor, shutdown)
+is upstream's own code.
 
 This module imports Ray; only the distributed room loads it.
 """
