@@ -22,6 +22,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from vllm_ray_metal import cpu
 from vllm_ray_metal.engine import model_loader
 from vllm_ray_metal.engine.kv_cache import PagedKVPool, build_layout
 from vllm_ray_metal.engine.kv_mirror import KVMirror, slot_rows
@@ -45,10 +46,13 @@ class DraftModel:
         self.filled: dict[int, int] = {}  # block id -> prefix hash of the tokens it holds
         self._slots: dict[str, int] | None = None  # this proposal's mirror slots
 
-    def load(self) -> None:
+    def load(self) -> dict[str, int]:
+        """Load the checkpoint; the CPU room's wrappers it took (as the target's)."""
         self.model = model_loader.load(self.config.model, self.dtype_name, None,
                                        self.config.revision)
+        tuned = cpu.install(self.model, self.dtype)  # Linux CPU backend only; {} on Metal
         self.weight_bytes = model_loader.parameter_bytes(self.model)
+        return tuned
 
     def kv_layout(self) -> tuple[int, int, int]:
         """(layers, KV heads, head size): the draft's whole attention, on every rank."""

@@ -87,10 +87,11 @@ class MLXModelRunner:
                                                                            base_only=True)
         self.draft_bytes = 0
         if self.draft is not None:
-            self.draft.load()
+            draft_tuned = self.draft.load()
             self.draft_bytes = self.draft.weight_bytes
-            logger.info("Loaded draft model %s (%.1f MiB of weights)",
-                        self.draft.config.model, self.draft_bytes / 2**20)
+            logger.info("Loaded draft model %s (%.1f MiB of weights; CPU wrappers: %s)",
+                        self.draft.config.model, self.draft_bytes / 2**20,
+                        draft_tuned or "none")
         logger.info("Loaded %s with mlx-lm (%.1f MiB of weights, %.1f MiB of them LoRA "
                     "slots; CPU wrappers: %s)", self.model_config.model,
                     self.weight_bytes / 2**20, self.lora_bytes / 2**20, tuned or "none")
