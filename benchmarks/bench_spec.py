@@ -44,21 +44,23 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
 DRAFT_TOKENS = 4
 NOTE = (
-    "P6/P8 (2026-12-07, two full runs an hour apart, the default policy on): the table is "
-    "the second, after the draft read its contexts from a mirror of its pool, fed its "
-    "extension forwards on the device, and the policy scaled its trials by their cost and "
-    "stopped trying a lagging draft. The first (mirror and device-side loop, old trials) "
-    "gave P6 grounded 2.39 (44.6 vs 18.6 tok/s), P6 batched 0.96 (159.4 vs 166.5), P8 draft "
-    "0.85 (16.0 vs 18.8) and P8 measured 0.66: each trial of the draft reran a prompt "
-    "through it (7.7 s). So P8 sits about level with mlx-lm (0.85 / 1.01) and P6 batched "
-    "around the target (0.96 / 0.87; 0.86-0.87 in each repeat of the second; in a "
-    "reduced run the policy chose plain steps in 209 of 245 decisions at 16 requests: a "
-    "drafted step cost 104 ms against 85 ms plain for 0.6 tokens won). Profile of a "
-    "drafted single-stream step at ~1k context (ours-draft): the target verifying 5 "
-    "tokens and sampling 91 ms, the draft's four forwards 240 ms, the rest of the cycle "
-    "18 ms; in one process the "
-    "draft's propose_all (200-213 ms) matches mlx-lm's four one-token steps (222 ms). "
-    "Earlier today P8 was 0.48, then 0.72 after the draft kept its own prefix cache.")
+    "P6/P8 (2026-12-07, evening; the table is the last of three full runs that day with the "
+    "default policy): before it, the drafts came back to the engine by a second call to "
+    "the worker after every step, whose reply followed the step's within a millisecond and "
+    "so usually lost its zmq notification: each step waited out a 10 ms poll (measured at "
+    "16 requests: p50 9.3 ms a step); they now travel with the step's output. The draft "
+    "also gets the target's CPU wrappers on this rig. The run between (the call gone, the "
+    "draft without wrappers) gave P6 grounded 2.23 (42.8 vs 19.2 tok/s), P6 batched 1.04 "
+    "(202.4 vs 195.2), P8 draft 0.86 (15.1 vs 17.5); the afternoon run (both before) "
+    "P6 grounded 2.36, P6 batched 0.87, P8 draft 1.01. In the last run every system was "
+    "~10% slower than in the run before (ours without speculation 18.7 against 20.9 tok/s "
+    "single-stream; this VM's rates move run to run), so compare ratios within a run. "
+    "P8 measured (the default policy with the model as its own draft, where drafting "
+    "cannot pay) stays under plain decoding: the policy's first drafted steps per request "
+    "run the draft over the prompt before it learns not to draft. Profile of a drafted "
+    "single-stream step at ~1k context in the afternoon (ours-draft, draft without "
+    "wrappers): the target verifying 5 tokens and sampling 91 ms, the draft's four "
+    "forwards 240 ms, the rest of the cycle 18 ms.")
 ASKS = ["Repeat the following text exactly, word for word:\n\n{passage}",
         "Quote the first paragraph of this text:\n\n{passage}",
         "Here is a text:\n\n{passage}\n\nWrite it out again, fixing any typos."]
