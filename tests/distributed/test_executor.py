@@ -126,3 +126,41 @@ def test_response_reads_do_not_sleep_through_a_lost_notification():
         waited = time.perf_counter() - sent
         later.join()
         assert got == k and waited < 0.5, (k, waited)
+
+
+@pytest.mark.unit
+def test_response_reads_poll_briefly_right_after_a_reply():
+    """A worker's reply that follows its previous one within about a millisecond (the
+    second phase of a step) usually comes without its zmq notification. So for a few
+    milliseconds after a reply the reader polls in short steps; later in long ones."""
+    import time
+
+    from vllm_ray_metal.distributed.worker_actor import WatchedQueue
+
+    class Queue:  # replies come after ``misses`` empty polls; records each poll's timeout
+        def __init__(self) -> None:
+            self.timeouts: list[float] = []
+            self.misses = 0
+
+        def dequeue(self, timeout=None):
+            self.timeouts.append(timeout)
+            if self.misses:
+                self.misses -= 1
+                raise TimeoutError
+            return "reply"
+
+    class Alive:
+        is_failed = shutting_down = False
+
+    queue, alive = Queue(), Alive()
+    watched = WatchedQueue(queue, alive)
+    assert watched.dequeue() == "reply"  # no reply before: the long step
+    assert queue.timeouts == [WatchedQueue.POLL_S]
+    queue.timeouts, queue.misses = [], 2
+    assert watched.dequeue() == "reply"  # right after one: short steps
+    assert queue.timeouts == [WatchedQueue.RECENT_POLL_S] * 3
+    time.sleep(WatchedQueue.RECENT_S * 2)
+    queue.timeouts = []
+    assert watched.dequeue(timeout=30) == "reply"
+    assert queue.timeouts == [WatchedQueue.POLL_S]
+    assert WatchedQueue.RECENT_POLL_S < WatchedQueue.POLL_S

@@ -92,14 +92,22 @@ class WatchedQueue:
     read see it, so ``LLM.generate`` raises promptly instead of hanging. The poll step is
     short because the reader (which sleeps instead of spinning) waits on a zmq
     notification from the worker that is sometimes lost; each step costs one zmq poll
-    while a reply is due.
+    while a reply is due. It is shorter still for a few milliseconds after a reply: a
+    worker's notification that follows its last within about a millisecond is usually
+    dropped (zmq's PUB socket, at a high-water mark of 1, drops it until it next
+    processes commands, which it does at most once a millisecond or so), and such
+    replies are the second of a two-phase step (``sample_tokens`` after
+    ``execute_model``).
     """
 
     POLL_S = 0.01
+    RECENT_S = 0.005  # after a reply, replies this soon may come without a notification
+    RECENT_POLL_S = 0.002  # (vLLM's reader sleeps whole milliseconds: 1 ms a poll)
 
     def __init__(self, queue: Any, executor: Any) -> None:
         self._queue = queue
         self._executor = weakref.ref(executor)
+        self._last_read = float("-inf")  # monotonic time of the last reply read
 
     def dequeue(self, timeout: float | None = None, indefinite: bool = False):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -109,13 +117,19 @@ class WatchedQueue:
                 why = executor.failure_message() if executor is not None else \
                     "the executor is gone"
                 raise compat_vllm.engine_dead_error(why)
-            step = self.POLL_S if deadline is None else \
-                max(0.0, min(self.POLL_S, deadline - time.monotonic()))
+            now = time.monotonic()
+            step = self.RECENT_POLL_S if now - self._last_read < self.RECENT_S \
+                else self.POLL_S
+            if deadline is not None:
+                step = max(0.0, min(step, deadline - now))
             try:
-                return self._queue.dequeue(timeout=step)
+                reply = self._queue.dequeue(timeout=step)
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+                continue
+            self._last_read = time.monotonic()
+            return reply
 
     def __getattr__(self, name: str):
         return getattr(self._queue, name)
