@@ -29,10 +29,9 @@ import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTE = (
-    'L rows (2026-12-02): one repeat per point, 1.5k and 4k tokens; the ~7.5k point has '
-    'not been run (a 7.5k-token prefill takes ~4 min a prompt here for ours and mlx-lm, '
-    'so 7.5k x 8 is over an hour for the three systems; --name longctx-7680 runs it '
-    'beside these rows). '
+    'L rows (2026-12-02): one repeat per point, 1.5k and 4k tokens. The ~7.5k rows '
+    '(2026-12-07, one stream, one repeat) come from --name longctx-7680; 7.5k x 8 has not '
+    'been run (its prefills alone take ~20 min a system here). '
     "Profile on MLX's CPU backend (one layer timed alone, SmolLM2 shapes): attention at "
     'long context is bound by mx.exp, ~31 ns an element against ~0.8 ns for a multiply; '
     "softmax is ~70% of a decode step's attention. At 8 rows x 1,536 positions one "
