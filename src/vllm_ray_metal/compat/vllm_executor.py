@@ -108,13 +108,15 @@ class HookedRayExecutor(RayExecutorV2):
         return drafts
 
     def _keeping_drafts(self, result: Any) -> Any:
-        if isinstance(result, Future):
-            result.add_done_callback(
-                lambda f: f.cancelled() or f.exception() is not None
-                or self._keep_drafts(f.result()))
+        if isinstance(result, Future):  # (non_block: kept when the engine reads it)
+            result.add_done_callback(self._keep_drafts_of)
         else:
             self._keep_drafts(result)
         return result
+
+    def _keep_drafts_of(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._keep_drafts(future.result())
 
     def _keep_drafts(self, output: Any) -> None:
         carried, drafts = detach_drafts(output)
