@@ -97,6 +97,17 @@ def test_longctx_smoke():
     assert {r["id"] for r in data["rows"]} >= {"L-dec 72x1", "L-pre 72x2"}
 
 
+def test_exp_profile_smoke():
+    data = run_smoke("profile_exp.py")
+    assert all(ns > 0 for ns in data["results"]["elementwise_ns"].values())
+    attention = data["results"]["attention"]
+    assert set(attention) == {"64", "128"}
+    for point in attention.values():
+        assert point["sdpa_ms"] > 0 and point["numpy_softmax_ms"] > 0
+        assert point["max_abs_diff"] < 1e-4  # the numpy variant computes SDPA's attention
+    assert [r["id"] for r in data["rows"]] == ["L why", "L why"]
+
+
 def test_serve_smoke():
     """`vllm bench serve` (vLLM's own client) against our server, tiny sizes."""
     data = run_smoke("bench_serve.py", env=None)
