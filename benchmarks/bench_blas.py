@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,13 +35,12 @@ def step_ms(weights: list[mx.array], rows: int, repeats: int) -> float:
     """Median ms of one pass of ``x @ W.T`` over every weight, evaluated per product."""
     xs = {k: mx.random.normal((rows, k)) for k in {w.shape[1] for w in weights}}
     mx.eval(*xs.values())
-    times = []
-    for _ in range(repeats + 1):  # the first pass warms caches and threads
-        start = time.perf_counter()
+
+    def one_pass() -> None:
         for w in weights:
             mx.eval(xs[w.shape[1]] @ w.T)
-        times.append((time.perf_counter() - start) * 1e3)
-    return common.median(times[1:])
+
+    return common.median_ms(one_pass, repeats)  # (its warm-up warms caches and threads)
 
 
 def main() -> None:

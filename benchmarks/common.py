@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -89,6 +90,17 @@ def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall ms of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return median(times)
 
 
 def save(name: str, payload: dict, smoke: bool) -> Path:

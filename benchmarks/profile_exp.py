@@ -18,24 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HEADS, KV_HEADS, DIM, ROWS = 9, 3, 64, 8
-
-
-def timed_ms(fn, repeats: int) -> float:
-    """Median wall ms of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return common.median(times)
 
 
 def elementwise_ns(elements: int, repeats: int) -> dict[str, float]:
@@ -48,7 +36,7 @@ def elementwise_ns(elements: int, repeats: int) -> dict[str, float]:
     ops = {"mx.exp": lambda: mx.eval(mx.exp(a)), "mx.sigmoid": lambda: mx.eval(mx.sigmoid(a)),
            "mx.softmax": lambda: mx.eval(mx.softmax(a, axis=-1)),
            "mx.multiply": lambda: mx.eval(a * a), "np.exp": lambda: np.exp(host)}
-    return {name: timed_ms(fn, repeats) * 1e6 / elements for name, fn in ops.items()}
+    return {name: common.median_ms(fn, repeats) * 1e6 / elements for name, fn in ops.items()}
 
 
 def attention_ms(context: int, repeats: int) -> dict[str, float]:
@@ -77,9 +65,9 @@ def attention_ms(context: int, repeats: int) -> dict[str, float]:
         return out.reshape(ROWS, HEADS, 1, DIM)
 
     diff = mx.abs(fused() - numpy_softmax()).max().item()
-    return {"sdpa_ms": timed_ms(lambda: mx.eval(fused()), repeats),
-            "softmax_ms": timed_ms(lambda: mx.eval(mx.softmax(scores, axis=-1)), repeats),
-            "numpy_softmax_ms": timed_ms(lambda: mx.eval(numpy_softmax()), repeats),
+    return {"sdpa_ms": common.median_ms(lambda: mx.eval(fused()), repeats),
+            "softmax_ms": common.median_ms(lambda: mx.eval(mx.softmax(scores, axis=-1)), repeats),
+            "numpy_softmax_ms": common.median_ms(lambda: mx.eval(numpy_softmax()), repeats),
             "max_abs_diff": diff}
 
 
